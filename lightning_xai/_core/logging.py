@@ -1,0 +1,58 @@
+"""Logger adapters: scalars through Lightning's logging, images to every attached logger that can take them.
+
+Scalars go through ``pl_module.log`` so they reach every logger, ``trainer.callback_metrics`` (checkpoint monitors,
+early stopping) and the progress bar. Images go to each logger whose experiment has ``add_image`` (TensorBoard's
+``SummaryWriter`` and look-alikes), from global rank zero only; a logger without image support gets scalars only
+and one warning naming it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+_warned: set[str] = set()
+
+
+def log_scalars(pl_module: pl.LightningModule, metrics: Mapping[str, torch.Tensor | float]) -> None:
+    """Log already-synchronised epoch-level scalars (no further ``sync_dist``: they are equal on every rank)."""
+    for name, value in metrics.items():
+        value = torch.as_tensor(value, dtype=torch.float32).detach().cpu()
+        pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
+
+
+def image_loggers(trainer: pl.Trainer) -> list:
+    """The experiments (writers) of the attached loggers that accept images; warns once per other logger."""
+    writers = []
+    for logger in trainer.loggers:
+        experiment = getattr(logger, "experiment", None)
+        if experiment is not None and callable(getattr(experiment, "add_image", None)):
+            writers.append(experiment)
+        else:
+            kind = type(logger).__name__
+            if kind not in _warned:
+                _warned.add(kind)
+                rank_zero_warn(f"lightning_xai: {kind} cannot store images; it receives scalars only.")
+    return writers
+
+
+def log_image(trainer: pl.Trainer, tag: str, image: torch.Tensor, step: int | None = None) -> None:
+    """Write one CHW image with values in [0, 1] to every image-capable logger (global rank zero only)."""
+    if not trainer.is_global_zero:
+        return
+    step = trainer.global_step if step is None else step
+    image = image.detach().float().clamp(0, 1).cpu()
+    for writer in image_loggers(trainer):
+        writer.add_image(tag, image, global_step=step, dataformats="CHW")
+
+
+def figure_to_image(figure) -> torch.Tensor:
+    """Render a matplotlib figure (made with :func:`lightning_xai.viz.new_figure`) to a CHW float tensor in [0, 1]."""
+    import numpy as np
+
+    figure.canvas.draw()
+    rgba = torch.from_numpy(np.asarray(figure.canvas.buffer_rgba()).copy())
+    return rgba[..., :3].permute(2, 0, 1).float() / 255.0
