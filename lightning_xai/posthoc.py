@@ -9,6 +9,7 @@ compare with published numbers.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -91,6 +92,7 @@ def fit_explainers(
     trainer_kwargs.setdefault("enable_checkpointing", False)
     trainer_kwargs.setdefault("enable_model_summary", False)
     trainer = pl.Trainer(max_epochs=epochs, callbacks=list(callbacks), **trainer_kwargs)
-    with eval_mode(model):  # restores every submodule's own mode afterwards
+    with eval_mode(model), warnings.catch_warnings():  # eval_mode restores every submodule's own mode afterwards
+        warnings.filterwarnings("ignore", message=".*configure_optimizers.* returned `None`")  # no optimizer: intended
         trainer.fit(FrozenModel(model, input_fn), datamodule=datamodule)
     return trainer

@@ -20,6 +20,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import read_events
 from lightning_xai.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,5 +245,7 @@ def test_wheel_ships_the_configs_and_the_console_script(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _events(run_dir)
     assert proc.stdout.strip().splitlines()[-1] == "Inspect this run: tensorboard --logdir run"
+    scalars, images = read_events(run_dir)  # the main job's event file holds ClaDec's scalars and images
+    assert {"val/acc", "cladec/rec_loss", "refae/rec_loss", "cladec/acc_on_recon", "refae/acc_on_recon"} <= set(scalars)
+    assert images == {"cladec/probes": 2}  # experiment=quick: two validation epochs

@@ -17,13 +17,14 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     Restoring per submodule matters: users freeze parts of a network (e.g. BatchNorm layers kept in eval mode), and a
     blanket ``module.train()`` afterwards would silently unfreeze them.
     """
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
+    flipped = [m for m in module.modules() if m.training]
+    for m in flipped:
+        m.training = False
     try:
         yield module
     finally:
-        for m, training in modes:
-            m.training = training
+        for m in flipped:
+            m.training = True
 
 
 def detached_copy(module: nn.Module) -> nn.Module:

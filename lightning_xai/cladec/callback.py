@@ -15,8 +15,9 @@ parameters only, and extra forwards run in eval mode.
 
 At each validation epoch end it logs ``cladec/rec_loss``, ``refae/rec_loss``, ``cladec/rec_ratio``,
 ``cladec/acc_on_recon``, ``refae/acc_on_recon``, ``cladec/agreement``, ``refae/agreement`` and ``cladec/ce_on_recon``
-(accuracy and CE need targets), and one panel per probe example: original | RefAE | ClaDec | ClaDec − original
-(the signed difference map is this library's addition, not the paper's). Tabular inputs get bar charts instead.
+(accuracy and CE need targets), and the image ``cladec/probes``: one row per probe example, original | RefAE | ClaDec |
+ClaDec − original (the signed difference map is this library's addition, not the paper's), all on the originals'
+intensity range. Tabular inputs get bar charts per feature under the same tag.
 """
 
 from __future__ import annotations
@@ -30,14 +31,14 @@ import torch.nn.functional as F
 from torch.torch_version import TorchVersion
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
-from torchmetrics import MeanMetric
 
 from lightning_xai._core import ExplainerCallback, LayerTap, eval_mode, last_linear_name, owned_step
 from lightning_xai._core.batch import BatchFn
 from lightning_xai._core.distributed import all_reduce_, broadcast_module
 from lightning_xai._core.logging import figure_to_image, log_image, log_scalars
+from lightning_xai.metrics import MeanOfNamed
 from lightning_xai.cladec.model import ClaDecModel, cladec_objective, reconstruction_loss
-from lightning_xai.viz import diverging, feature_bars, tile_row, to_rgb
+from lightning_xai.viz import diverging, feature_bars, stack_rows, tile_row, to_rgb
 
 ACTIVATION_MODES = ("train", "eval")
 
@@ -102,9 +103,9 @@ class ClaDec(ExplainerCallback):
         target_fn: BatchFn | None = None,
         probe_size: int = 8,
         every_n_epochs: int = 1,
-        every_n_steps: int = 4,
-        width: int = 32,
-        lr: float = 3e-3,
+        every_n_steps: int = 6,
+        width: int = 64,
+        lr: float = 5e-3,
         weight_decay: float = 1e-5,
         refae: bool = True,
         activation_mode: str = "train",
@@ -144,7 +145,7 @@ class ClaDec(ExplainerCallback):
         self._restored: dict[str, Any] | None = None
         self.steps = 0
         self.skipped_steps = 0
-        self._metrics: dict[str, MeanMetric] = {}
+        self._scores: MeanOfNamed | None = None  # validation scalars, built in setup once the tags are known
 
     @property
     def refae_prefix(self) -> str:
@@ -288,42 +289,44 @@ class ClaDec(ExplainerCallback):
             return self.model(x).argmax(-1)
 
     # ------------------------------------------------------------------ validation and reports
-    def _metric(self, tag: str, device: torch.device) -> MeanMetric:
-        if tag not in self._metrics:
-            self._metrics[tag] = MeanMetric(nan_strategy="error")
-        return self._metrics[tag].to(device)
-
-    def _update(self, tag: str, value: torch.Tensor, weight: int, device: torch.device) -> None:
-        self._metric(tag, device).update(value.detach().float(), weight)
+    def _score_names(self) -> list[str]:
+        ref = self.refae_prefix
+        names = [self.tag(m) for m in ("rec_loss", "agreement", "acc_on_recon", "ce_on_recon")]
+        return names + [self.tag(m, ref) for m in ("rec_loss", "agreement", "acc_on_recon")]
 
     def validation_batch(self, trainer: pl.Trainer, x: torch.Tensor, y: torch.Tensor | None) -> None:
         if self.core is None and self._restored is None:
             return
         logits_x, out = self._reconstruct(x)
-        n, dev, ref = x.shape[0], x.device, self.refae_prefix
-        with torch.no_grad(), eval_mode(self.model):
-            logits_e = self.model(out.cladec)
-            logits_r = self.model(out.refae) if out.refae is not None else None
-        pred = logits_x.argmax(-1)
-        self._update(self.tag("rec_loss"), reconstruction_loss(out.cladec, x), n, dev)
-        self._update(self.tag("agreement"), (logits_e.argmax(-1) == pred).float().mean(), n, dev)
+        recons = out.cladec if out.refae is None else torch.cat([out.cladec, out.refae])
+        with torch.no_grad(), eval_mode(self.model):  # one forward for both reconstructions
+            logits = self.model(recons).float()
+        labels, pred, n = logits.argmax(-1), logits_x.argmax(-1), x.shape[0]
+        scores = {
+            self.tag("rec_loss"): reconstruction_loss(out.cladec, x),
+            self.tag("agreement"): (labels[:n] == pred).float().mean(),
+        }
         if y is not None:
-            self._update(self.tag("acc_on_recon"), (logits_e.argmax(-1) == y).float().mean(), n, dev)
-            self._update(self.tag("ce_on_recon"), F.cross_entropy(logits_e.float(), y), n, dev)
+            scores[self.tag("acc_on_recon")] = (labels[:n] == y).float().mean()
+            scores[self.tag("ce_on_recon")] = F.cross_entropy(logits[:n], y)
         if out.refae is not None:
-            self._update(self.tag("rec_loss", ref), reconstruction_loss(out.refae, x), n, dev)
-            self._update(self.tag("agreement", ref), (logits_r.argmax(-1) == pred).float().mean(), n, dev)
+            ref = self.refae_prefix
+            scores[self.tag("rec_loss", ref)] = reconstruction_loss(out.refae, x)
+            scores[self.tag("agreement", ref)] = (labels[n:] == pred).float().mean()
             if y is not None:
-                self._update(self.tag("acc_on_recon", ref), (logits_r.argmax(-1) == y).float().mean(), n, dev)
+                scores[self.tag("acc_on_recon", ref)] = (labels[n:] == y).float().mean()
+        if self._scores is None:
+            self._scores = MeanOfNamed(self._score_names())
+        self._scores.to(x.device).update(scores, weight=n)
 
     def reset_metrics(self) -> None:
-        for metric in self._metrics.values():
-            metric.reset()
+        if self._scores is not None:
+            self._scores.reset()
 
     def report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._metrics:
+        if self._scores is None:
             return
-        values = {tag: metric.compute() for tag, metric in sorted(self._metrics.items())}
+        values = self._scores.compute()  # a collective under DDP: every rank gets here
         ref_rec = values.get(self.tag("rec_loss", self.refae_prefix))
         if ref_rec is not None:
             values[self.tag("rec_ratio")] = values[self.tag("rec_loss")] / ref_rec.clamp_min(1e-12)
@@ -338,14 +341,11 @@ class ClaDec(ExplainerCallback):
         out = self.explain(x)
         x, cladec = x.cpu(), out.cladec.cpu()
         refae = out.refae.cpu() if out.refae is not None else None
-        if x.dim() == 4:
+        if x.dim() == 4:  # original | RefAE | ClaDec | ClaDec − original, on the originals' intensity range
             low, high = float(x.min()), float(x.max())
-            for i in range(x.shape[0]):
-                tiles = [to_rgb(x[i], low, high)]
-                if refae is not None:
-                    tiles.append(to_rgb(refae[i], low, high))
-                tiles += [to_rgb(cladec[i], low, high), diverging(cladec[i] - x[i], high - low)]
-                log_image(trainer, self.tag(f"probe_{i:02d}"), tile_row(tiles))
+            tiles = [to_rgb(x, low, high)] + ([to_rgb(refae, low, high)] if refae is not None else [])
+            rows = tile_row(tiles + [to_rgb(cladec, low, high), diverging(cladec - x, high - low)])
+            log_image(trainer, self.tag("probes"), stack_rows(rows))
             return
         rows, titles = [], []
         for i in range(min(4, x.shape[0])):

@@ -1,8 +1,9 @@
 """Image panels as tensors: tiles on one shared intensity scale, signed maps in a diverging colour map.
 
-Everything returns CHW float tensors in [0, 1], ready for ``SummaryWriter.add_image``. Tiles are upscaled with
-nearest-neighbour sampling so that small inputs (8×8 digits) stay legible, and are never normalised one by one:
-per-tile min-max scaling hides exactly the brightness and contrast losses a reconstruction explanation is about.
+Every function takes a batch of images ``(N, C, H, W)`` (or one ``(C, H, W)`` image) and returns RGB values in
+[0, 1] in the same layout, ready for ``SummaryWriter.add_image``. Tiles are upscaled with nearest-neighbour sampling
+so that small inputs (8×8 digits) stay legible, and are never normalised one by one: per-tile min-max scaling hides
+exactly the brightness and contrast losses a reconstruction explanation is about.
 """
 
 from __future__ import annotations
@@ -13,44 +14,48 @@ import torch
 import torch.nn.functional as F
 
 
-def to_rgb(image: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    """Map a CHW image (1 or 3 channels) to RGB in [0, 1] using the fixed range ``[low, high]``."""
-    scaled = ((image.float() - low) / max(high - low, 1e-12)).clamp(0, 1)
-    if scaled.shape[0] == 1:
-        return scaled.expand(3, -1, -1)
-    if scaled.shape[0] == 3:
+def to_rgb(images: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Map images with 1 or 3 channels to RGB using the fixed range ``[low, high]`` (other counts: channel mean)."""
+    scaled = ((images.float() - low) / max(high - low, 1e-12)).clamp(0, 1)
+    channels = scaled.shape[-3]
+    if channels == 3:
         return scaled
-    return scaled.mean(0, keepdim=True).expand(3, -1, -1)  # other channel counts: show the mean
+    if channels != 1:
+        scaled = scaled.mean(-3, keepdim=True)
+    return scaled.expand(*scaled.shape[:-3], 3, *scaled.shape[-2:])
 
 
 def diverging(signed: torch.Tensor, limit: float) -> torch.Tensor:
-    """Map a signed HW (or CHW, averaged over channels) map to RGB: blue < 0 < red, white at 0, saturating at ±limit."""
-    if signed.dim() == 3:
-        signed = signed.float().mean(0)
-    t = (signed.float() / max(limit, 1e-12)).clamp(-1, 1)
+    """Map signed images (channel-averaged) to RGB: blue < 0 < red, white at 0, saturating at ±``limit``."""
+    t = (signed.float().mean(-3) / max(limit, 1e-12)).clamp(-1, 1)
     pos, neg = t.clamp(min=0), (-t).clamp(min=0)
-    red = 1 - neg
-    green = 1 - pos - neg
-    blue = 1 - pos
-    return torch.stack([red, green, blue]).clamp(0, 1)
+    return torch.stack([1 - neg, 1 - pos - neg, 1 - pos], dim=-3).clamp(0, 1)
 
 
-def upscale(image: torch.Tensor, min_side: int = 64) -> torch.Tensor:
-    """Nearest-neighbour upscale of a CHW image by an integer factor so its shorter side reaches ``min_side``."""
-    factor = max(1, -(-min_side // min(image.shape[-2:])))
+def upscale(images: torch.Tensor, min_side: int = 64) -> torch.Tensor:
+    """Nearest-neighbour upscale by an integer factor so that the shorter side reaches ``min_side``."""
+    factor = max(1, -(-min_side // min(images.shape[-2:])))
     if factor == 1:
-        return image
-    return F.interpolate(image[None], scale_factor=factor, mode="nearest")[0]
+        return images
+    batched = images if images.dim() == 4 else images[None]
+    out = F.interpolate(batched, scale_factor=factor, mode="nearest")
+    return out if images.dim() == 4 else out[0]
 
 
 def tile_row(tiles: Sequence[torch.Tensor], pad: int = 2, min_side: int = 64) -> torch.Tensor:
-    """Upscale RGB tiles of equal size and lay them side by side, separated by ``pad`` grey pixels."""
+    """Upscale RGB tiles of equal size and lay them side by side, separated by ``pad`` grey columns."""
     tiles = [upscale(t, min_side) for t in tiles]
-    height = tiles[0].shape[-2]
-    sep = torch.full((3, height, pad), 0.5)
-    parts: list[torch.Tensor] = []
-    for i, tile in enumerate(tiles):
-        if i:
-            parts.append(sep)
-        parts.append(tile)
+    sep = torch.full((*tiles[0].shape[:-1], pad), 0.5)
+    parts = [tiles[0]]
+    for tile in tiles[1:]:
+        parts += [sep, tile]
     return torch.cat(parts, dim=-1)
+
+
+def stack_rows(rows: torch.Tensor, pad: int = 2) -> torch.Tensor:
+    """Stack a batch of equally sized RGB panels ``(N, 3, H, W)`` vertically into one image, ``pad`` grey rows apart."""
+    sep = torch.full((3, pad, rows.shape[-1]), 0.5)
+    parts = [rows[0]]
+    for row in rows[1:]:
+        parts += [sep, row]
+    return torch.cat(parts, dim=-2)
