@@ -77,7 +77,8 @@ def main() -> None:
         cladec += times
     b, c = statistics.median(bare), statistics.median(cladec)
     print(f"torch threads: {torch.get_num_threads()}, epochs per fit: {args.epochs}, repeats: {args.repeats}, {kwargs}")
-    print(f"median epoch {args.clock} time  bare: {b * 1e3:.1f} ms   with ClaDec: {c * 1e3:.1f} ms   ratio: {c / b:.2f}x")
+    print(f"median epoch {args.clock} time  bare: {b * 1e3:.1f} ms   with ClaDec: {c * 1e3:.1f} ms   "
+          f"ratio: {c / b:.2f}x")
     shown = ("val/acc", "cladec/rec_loss", "refae/rec_loss", "cladec/acc_on_recon", "refae/acc_on_recon")
     print("last fit, final epoch: " + "  ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics))
 

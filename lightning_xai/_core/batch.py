@@ -72,7 +72,9 @@ class BatchUnpacker:
     def input(self, batch: Any) -> torch.Tensor:
         x = self.input_fn(batch)
         if not isinstance(x, torch.Tensor):
-            raise BatchFormatError(f"input_fn returned {type(x).__name__}, expected a tensor (batch was {_describe(batch)})")
+            raise BatchFormatError(
+                f"input_fn returned {type(x).__name__}, expected a tensor (batch was {_describe(batch)})"
+            )
         return x
 
     def target(self, batch: Any) -> torch.Tensor | None:

@@ -51,7 +51,8 @@ def last_linear_name(model: nn.Module) -> str:
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
     if not linears:
         raise LayerNotFoundError(
-            f"{type(model).__name__} has no nn.Linear layer, so no default layer can be chosen: pass layer='dotted.name'."
+            f"{type(model).__name__} has no nn.Linear layer, so no default layer can be chosen: "
+            "pass layer='dotted.name'."
         )
     return linears[-1]
 

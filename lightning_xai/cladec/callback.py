@@ -5,12 +5,12 @@ a layer by what a decoder can rebuild from it: input aspects the classifier keep
 back as a generic average. A reference auto-encoder of the same shape, trained for reconstruction alone, shows what
 such a bottleneck could keep; the difference between the two is what the classifier chose to drop.
 
-Each training batch (after the user's optimizer step) yields the layer's activation, captured by a forward hook
-during the user's own forward pass (``activation_mode="train"``, free) or by a truncated eval-mode forward
-(``activation_mode="eval"``, the paper's post-hoc setting). On every ``every_n_steps``-th batch the decoder and the
-RefAE take one Adam step together; the cadence bounds the cost on small models, where a decoder step costs more
-than the classifier's own. The classifier's parameters, gradients, BatchNorm statistics and random stream are never touched: its
-activations are detached, the classification term of the loss is differentiated with respect to the decoder's
+On every ``every_n_steps``-th training batch (after the user's optimizer step) the decoder and the RefAE take one
+Adam step together, on the layer's activation captured by a forward hook during the user's own forward pass
+(``activation_mode="train"``, free) or by a truncated eval-mode forward (``activation_mode="eval"``, the paper's
+post-hoc setting). The cadence bounds the cost on small models, where a decoder step costs more than the
+classifier's own. The classifier's parameters, gradients, BatchNorm statistics and random stream are never touched:
+its activations are detached, the classification term of the loss is differentiated with respect to the decoder's
 parameters only, and extra forwards run in eval mode.
 
 At each validation epoch end it logs ``cladec/rec_loss``, ``refae/rec_loss``, ``cladec/rec_ratio``,
@@ -28,16 +28,16 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torch.torch_version import TorchVersion
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.torch_version import TorchVersion
 
 from lightning_xai._core import ExplainerCallback, LayerTap, eval_mode, last_linear_name, owned_step
 from lightning_xai._core.batch import BatchFn
 from lightning_xai._core.distributed import all_reduce_, broadcast_module
 from lightning_xai._core.logging import figure_to_image, log_image, log_scalars
-from lightning_xai.metrics import MeanOfNamed
 from lightning_xai.cladec.model import ClaDecModel, cladec_objective, reconstruction_loss
+from lightning_xai.metrics import MeanOfNamed
 from lightning_xai.viz import diverging, feature_bars, stack_rows, tile_row, to_rgb
 
 ACTIVATION_MODES = ("train", "eval")

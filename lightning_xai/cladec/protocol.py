@@ -87,7 +87,8 @@ def paper_protocol(
 ) -> dict[str, float]:
     """Run the paper's protocol and the frozen-classifier checks; returns a flat dict of figures.
 
-    Keys: ``<src>/rec_loss`` and ``<src>/frozen_acc`` for src in {cladec, refae}; ``<src>/fresh_acc`` (fresh
+    Keys: ``<src>/rec_loss`` for src in {cladec, refae}; ``<src>/frozen_acc`` (the explained classifier on the
+    test reconstructions, or on the original test images for ``orig``) and ``<src>/fresh_acc`` (fresh
     classifier trained on ``src`` training reconstructions, tested on ``src`` test reconstructions — the paper's
     number) and ``<src>/fresh_acc_on_orig`` (same classifier on the original test images) for src in
     {orig, cladec, refae}.
@@ -101,7 +102,7 @@ def paper_protocol(
         key = "x" if src == "orig" else src
         if src != "orig":
             figures[f"{src}/rec_loss"] = float(reconstruction_loss(test[key], test["x"]))
-            figures[f"{src}/frozen_acc"] = accuracy(classifier, test[key], test["y"])
+        figures[f"{src}/frozen_acc"] = accuracy(classifier, test[key], test["y"])
         fresh = train_fresh_classifier(classifier, train[key], train["y"], epochs=epochs, seed=seed)
         figures[f"{src}/fresh_acc"] = accuracy(fresh, test[key], test["y"])
         figures[f"{src}/fresh_acc_on_orig"] = accuracy(fresh, test["x"], test["y"])

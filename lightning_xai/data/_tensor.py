@@ -16,7 +16,7 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-__all__ = ["TensorDataModule", "check_loader_args", "check_fraction"]
+__all__ = ["SplitDataModule", "TensorDataModule", "check_loader_args", "check_fraction"]
 
 
 def check_fraction(name: str, value: float) -> float:
@@ -34,7 +34,48 @@ def check_loader_args(batch_size: int, num_workers: int) -> None:
         raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
 
 
-class TensorDataModule(L.LightningDataModule):
+class SplitDataModule(L.LightningDataModule):
+    """Dataloaders over three prepared splits: :attr:`train_dataset`, :attr:`val_dataset`, :attr:`test_dataset`.
+
+    Subclasses build the splits in ``setup`` and set :attr:`batch_size` and :attr:`num_workers`; only the training
+    loader shuffles.
+    """
+
+    batch_size: int
+    num_workers: int
+    train_dataset: Dataset | None = None
+    val_dataset: Dataset | None = None
+    test_dataset: Dataset | None = None
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must be called before asking for a dataloader")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled batches ``(x, y)`` of the training split."""
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Batches ``(x, y)`` of the validation split, in a fixed order."""
+        return self._loader(self.val_dataset, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Batches ``(x, y)`` of the test split, in a fixed order."""
+        return self._loader(self.test_dataset, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Same batches as :meth:`test_dataloader`."""
+        return self.test_dataloader()
+
+
+class TensorDataModule(SplitDataModule):
     """Base class for data modules over a small dataset held in memory as tensors.
 
     Subclasses set the class attributes :attr:`input_shape` and :attr:`num_classes` and implement
@@ -122,30 +163,3 @@ class TensorDataModule(L.LightningDataModule):
         self.train_dataset = TensorDataset(x_train, y_all[parts[0]])
         self.val_dataset = TensorDataset(x_val, y_all[parts[1]])
         self.test_dataset = TensorDataset(x_test, y_all[parts[2]])
-
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}.setup() must be called before asking for a dataloader")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled batches ``(x, y)`` of the training split."""
-        return self._loader(self.train_dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Batches ``(x, y)`` of the validation split, in a fixed order."""
-        return self._loader(self.val_dataset, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Batches ``(x, y)`` of the test split, in a fixed order."""
-        return self._loader(self.test_dataset, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """Same batches as :meth:`test_dataloader`."""
-        return self.test_dataloader()

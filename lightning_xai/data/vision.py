@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
-from lightning_xai.data._tensor import check_fraction, check_loader_args
+from lightning_xai.data._tensor import SplitDataModule, check_fraction, check_loader_args
 
 __all__ = ["TorchvisionDataModule"]
 
@@ -36,7 +35,7 @@ def _import_torchvision() -> Any:
     return torchvision
 
 
-class TorchvisionDataModule(L.LightningDataModule):
+class TorchvisionDataModule(SplitDataModule):
     """One of MNIST, Fashion-MNIST or CIFAR-10 as float image tensors in [0, 1].
 
     The validation set is a random ``val_fraction`` of the official training set, chosen deterministically from
@@ -118,30 +117,3 @@ class TorchvisionDataModule(L.LightningDataModule):
         self.val_dataset = Subset(full_train, order[:n_val])
         self.train_dataset = Subset(full_train, order[n_val:])
         self.test_dataset = self._dataset(train=False, download=self.download)
-
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}.setup() must be called before asking for a dataloader")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled batches ``(x, y)`` of the training part of the official training set."""
-        return self._loader(self.train_dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Batches ``(x, y)`` of the held-out validation part, in a fixed order."""
-        return self._loader(self.val_dataset, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Batches ``(x, y)`` of the official test set, in a fixed order."""
-        return self._loader(self.test_dataset, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """Same batches as :meth:`test_dataloader`."""
-        return self.test_dataloader()
