@@ -93,6 +93,8 @@ def fit_explainers(
     trainer_kwargs.setdefault("enable_model_summary", False)
     trainer = pl.Trainer(max_epochs=epochs, callbacks=list(callbacks), **trainer_kwargs)
     with eval_mode(model), warnings.catch_warnings():  # eval_mode restores every submodule's own mode afterwards
-        warnings.filterwarnings("ignore", message=".*configure_optimizers.* returned `None`")  # no optimizer: intended
+        # both intended here: no optimizer, and the explained model stays in eval mode
+        warnings.filterwarnings("ignore", message=".*configure_optimizers.* returned `None`")
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training")
         trainer.fit(FrozenModel(model, input_fn), datamodule=datamodule)
     return trainer

@@ -1,0 +1,240 @@
+"""Switched linear projections and the inactive-state sensitivity (Insens) of a ReLU network.
+
+Szymanski, McCane & Atkinson (arXiv:1909.11275) write each hidden neuron's pre-activation around an input x as one
+linear projection, ``v_i(x) = ŵ_i·x + b̂_i`` (:func:`switched_projections`), and explain x by the neurons that are
+*off*: each inactive neuron i (``v_i ≤ 0``) contributes ``ω̂_i = (v_i / ‖ŵ_i‖²)·ŵ_i``, the step from x to its
+switching hyperplane (its length ``|v_i|/‖ŵ_i‖`` is the distance to it), and Insens is their mean,
+
+    Ω̂(x) = (1/|I|) Σ_{i∈I} ω̂_i,   I = {hidden neurons with v_i ≤ 0 and ‖ŵ_i‖ > 0}.
+
+Computed naively this is one backward pass per inactive neuron. :func:`insens` gets all ``‖ŵ_i‖²`` from forward-mode
+derivatives (:func:`~lightning_xai.insens.neurons.row_norms_squared`) and then the whole sum in **one** backward pass,
+since ``Σ_i c_i ŵ_i = ∇_x Σ_i c_i v_i(x)`` for fixed ``c_i = v_i/‖ŵ_i‖²``. Neurons with ``‖ŵ_i‖ = 0`` (dead receptive
+fields) have no hyperplane and are left out and counted; by default a max-pool loser with ``v > 0`` counts as active
+(the paper's equation), ``maxpool_losers="inactive"`` follows its remark that losers are "deemed inactive".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_xai._core.modules import eval_mode
+from lightning_xai.insens.neurons import capture_preactivations, neuron_layers, row_norms_squared
+from lightning_xai.linearization.core import batched_vjp
+from lightning_xai.linearization.gates import MAX_POOLS, GateRecorder, classify, pool_indices
+
+LOSER_POLICIES = ("active", "inactive")
+
+
+@dataclass
+class InsensMap:
+    """Insens for a batch.
+
+    Attributes:
+        map: ``Ω̂(x)``, shape of the input batch.
+        inactive: ``|I|`` per example.
+        zero_norm: neurons left out because ``‖ŵ_i‖ = 0``, per example.
+        r_min: distance from x to the nearest neuron switching hyperplane (active or not), per example; max-pool
+            switches are not counted, so it bounds the radius of the linear region from above.
+        active_fraction: per neuron layer, the fraction of its neurons with ``v > 0``, per example.
+        method: ``"exact"`` or ``"hutchinson"``.
+    """
+
+    map: torch.Tensor
+    inactive: torch.Tensor
+    zero_norm: torch.Tensor
+    r_min: torch.Tensor
+    active_fraction: dict[str, torch.Tensor] = field(default_factory=dict)
+    method: str = "exact"
+
+
+def _require_relu_network(model: nn.Module) -> None:
+    mode, _ = classify(model)
+    if mode != "exact":
+        raise ValueError("insens needs a piecewise-linear (ReLU) network; this one has smooth units, norms or softmax")
+    if not neuron_layers(model):
+        raise ValueError(
+            f"{type(model).__name__} has no ReLU-family modules (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ReLU6): "
+            "functional torch.relu calls cannot be seen by hooks"
+        )
+
+
+def _loser_masks(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """For neuron layers whose output feeds a max-pool directly: True where the neuron wins no pooling window."""
+    outputs: dict[int, str] = {}
+    losers: dict[str, torch.Tensor] = {}
+
+    def on_unit(name: str):
+        def hook(module, args, output):
+            outputs[id(output)] = name
+
+        return hook
+
+    def on_pool(module, args, output):
+        z = args[0]
+        name = outputs.get(id(z))
+        if name is None:
+            return
+        won = torch.zeros_like(z).flatten(2)
+        won.scatter_(2, pool_indices(module, z).flatten(2), 1.0)
+        losers[name] = won.view_as(z) == 0
+
+    handles = [m.register_forward_hook(on_unit(n)) for n, m in neuron_layers(model).items()]
+    handles += [m.register_forward_hook(on_pool) for m in model.modules() if isinstance(m, MAX_POOLS)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return losers
+
+
+def insens(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    method: str = "exact",
+    samples: int = 64,
+    chunk_size: int = 32,
+    maxpool_losers: str = "active",
+    generator: torch.Generator | None = None,
+) -> InsensMap:
+    """Insens ``Ω̂(x)`` for each example of ``x``, with the fast scheme (row norms forward, one backward).
+
+    Args:
+        model: a ReLU-family network (evaluated in eval mode; its modes are restored).
+        x: inputs ``(B, *input_shape)``.
+        method: ``"exact"`` or ``"hutchinson"`` row norms (the latter for large inputs; see ``samples``).
+        samples: Hutchinson directions.
+        chunk_size: input directions per batched forward.
+        maxpool_losers: ``"active"`` (the paper's equation: only ``v ≤ 0`` is inactive) or ``"inactive"``.
+        generator: random source for the Hutchinson directions.
+    """
+    if maxpool_losers not in LOSER_POLICIES:
+        raise ValueError(f"maxpool_losers={maxpool_losers!r} is not one of {LOSER_POLICIES}")
+    _require_relu_network(model)
+    with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
+        x = x.detach().clone()
+        norms = row_norms_squared(model, x, method=method, samples=samples, chunk_size=chunk_size,
+                                  generator=generator)
+        losers = _loser_masks(model, x) if maxpool_losers == "inactive" else {}
+        xg = x.requires_grad_(True)
+        with capture_preactivations(model) as pre:
+            model(xg)
+        batch = x.shape[0]
+        total = torch.zeros((), dtype=x.dtype, device=x.device)
+        inactive = torch.zeros(batch, dtype=x.dtype, device=x.device)
+        zero_norm = torch.zeros(batch, dtype=x.dtype, device=x.device)
+        r_min = torch.full((batch,), float("inf"), dtype=x.dtype, device=x.device)
+        active_fraction = {}
+        for name, v in pre.items():
+            n2 = norms[name]
+            value = v.detach()
+            off = value <= 0
+            if name in losers:
+                off = off | losers[name]
+            usable = n2 > 0
+            chosen = off & usable
+            c = torch.where(chosen, value / torch.where(usable, n2, torch.ones_like(n2)), torch.zeros_like(value))
+            total = total + (c * v).sum()
+            inactive += chosen.flatten(1).sum(1)
+            zero_norm += (~usable).flatten(1).sum(1)
+            far = torch.full_like(value, float("inf"))
+            distance = torch.where(usable, value.abs() / n2.clamp_min(1e-300).sqrt(), far)
+            r_min = torch.minimum(r_min, distance.flatten(1).min(1).values)
+            active_fraction[name] = (value > 0).flatten(1).float().mean(1)
+        (grad,) = torch.autograd.grad(total, xg) if total.requires_grad else (torch.zeros_like(x),)
+        scale = inactive.clamp_min(1).view(-1, *([1] * (x.dim() - 1)))
+    return InsensMap(
+        map=(grad / scale).detach(), inactive=inactive, zero_norm=zero_norm, r_min=r_min,
+        active_fraction=active_fraction, method=method,
+    )
+
+
+def insens_naive(model: nn.Module, x: torch.Tensor, maxpool_losers: str = "active") -> torch.Tensor:
+    """Insens by definition: one backward pass per inactive neuron (a reference for tests and benchmarks)."""
+    _require_relu_network(model)
+    maps = []
+    with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
+        losers = _loser_masks(model, x.detach()) if maxpool_losers == "inactive" else {}
+        for b in range(x.shape[0]):
+            xb = x[b : b + 1].detach().clone().requires_grad_(True)
+            with capture_preactivations(model) as pre:
+                model(xb)
+            acc, count = torch.zeros_like(xb), 0
+            for name, v in pre.items():
+                flat = v.flatten()
+                off = flat.detach() <= 0
+                if name in losers:
+                    off = off | losers[name][b].flatten()
+                for i in torch.nonzero(off).flatten().tolist():
+                    (w,) = torch.autograd.grad(flat[i], xb, retain_graph=True)
+                    n2 = w.pow(2).sum()
+                    if n2 > 0:
+                        acc += flat[i].detach() / n2 * w
+                        count += 1
+            maps.append(acc / max(count, 1))
+    return torch.cat(maps).detach()
+
+
+@dataclass
+class SwitchedProjections:
+    """``v_i(x) = ŵ_i·x + b̂_i`` for the neurons of one layer.
+
+    Attributes:
+        weight: ``ŵ``, shape ``(B, N, *input_shape)``.
+        bias: ``b̂`` from the frozen-gate zero pass, ``(B, N)``.
+        pre: the pre-activations ``v`` themselves, ``(B, N)``.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    pre: torch.Tensor
+
+    def centres(self, x: torch.Tensor) -> torch.Tensor:
+        """Each neuron's centre ``ĉ_i = x − (v_i/‖ŵ_i‖²)·ŵ_i``: x projected onto the neuron's hyperplane."""
+        w = self.weight.flatten(2)
+        step = (self.pre / w.pow(2).sum(-1).clamp_min(1e-300))[..., None] * w
+        return (x.flatten(1)[:, None, :] - step).view_as(self.weight)
+
+
+def switched_projections(
+    model: nn.Module, x: torch.Tensor, layer: str, neurons: torch.Tensor | None = None, chunk_size: int = 256
+) -> SwitchedProjections:
+    """The linear projections of the neurons at the input of the ReLU-family module ``layer`` (Theorem 1).
+
+    Args:
+        model: a ReLU-family network.
+        x: inputs ``(B, *input_shape)``.
+        layer: name of a ReLU-family module (see ``neuron_layers(model)``).
+        neurons: flat indices of the neurons to project (default: all of the layer's).
+        chunk_size: neurons per batched backward.
+    """
+    layers = neuron_layers(model)
+    if layer not in layers:
+        raise ValueError(f"layer={layer!r} is not a ReLU-family module; neuron layers: {sorted(layers)}")
+    with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
+        xg = x.detach().clone().requires_grad_(True)
+        with capture_preactivations(model) as pre:
+            model(xg)
+        v = pre[layer].flatten(1)
+        idx = torch.arange(v.shape[1], device=v.device) if neurons is None else neurons.to(v.device)
+        rows = []
+        for start in range(0, idx.numel(), chunk_size):
+            part = idx[start : start + chunk_size]
+            cot = F.one_hot(part, v.shape[1]).to(v.dtype)[:, None, :].expand(-1, v.shape[0], -1)
+            rows.append(batched_vjp(v, xg, cot, retain=True))
+        weight = torch.cat(rows).movedim(0, 1).detach()
+        recorder = GateRecorder(model, gated=False)
+        with torch.no_grad():
+            with recorder.record():
+                model(xg.detach())
+            with recorder.replay(), capture_preactivations(model) as zero_pre:
+                model(torch.zeros_like(xg))
+        bias = zero_pre[layer].flatten(1)[:, idx]
+    return SwitchedProjections(weight=weight, bias=bias, pre=v.detach()[:, idx])
