@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_xai._core.autograd import batched_vjp
+from lightning_xai._core.gates import MAX_POOLS, GateRecorder, classify, pool_indices
 from lightning_xai._core.modules import eval_mode
 from lightning_xai.insens.neurons import capture_preactivations, neuron_layers, row_norms_squared
-from lightning_xai.linearization.core import batched_vjp
-from lightning_xai.linearization.gates import MAX_POOLS, GateRecorder, classify, pool_indices
 
 LOSER_POLICIES = ("active", "inactive")
 
@@ -52,7 +52,8 @@ class InsensMap:
     method: str = "exact"
 
 
-def _require_relu_network(model: nn.Module) -> None:
+def require_relu_network(model: nn.Module) -> None:
+    """Raise ``ValueError`` unless ``model`` is piecewise-linear with ReLU-family modules to hook."""
     mode, _ = classify(model)
     if mode != "exact":
         raise ValueError("insens needs a piecewise-linear (ReLU) network; this one has smooth units, norms or softmax")
@@ -117,7 +118,7 @@ def insens(
     """
     if maxpool_losers not in LOSER_POLICIES:
         raise ValueError(f"maxpool_losers={maxpool_losers!r} is not one of {LOSER_POLICIES}")
-    _require_relu_network(model)
+    require_relu_network(model)
     with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
         x = x.detach().clone()
         norms = row_norms_squared(model, x, method=method, samples=samples, chunk_size=chunk_size,
@@ -158,7 +159,7 @@ def insens(
 
 def insens_naive(model: nn.Module, x: torch.Tensor, maxpool_losers: str = "active") -> torch.Tensor:
     """Insens by definition: one backward pass per inactive neuron (a reference for tests and benchmarks)."""
-    _require_relu_network(model)
+    require_relu_network(model)
     maps = []
     with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
         losers = _loser_masks(model, x.detach()) if maxpool_losers == "inactive" else {}

@@ -8,7 +8,7 @@ independently by pushing the zero input through the network with every gate froz
 identity ``W·x + b = F(x)`` is then a real check (:attr:`Linearized.residual`), not a definition.
 
 Networks with smooth units (GELU, SiLU, ...), LayerNorm or softmax attention are not piecewise-linear; they are
-linearized in **gated-linear** mode (detached gates, see :mod:`~lightning_xai.linearization.gates`), which is exact
+linearized in **gated-linear** mode (detached gates, see :mod:`~lightning_xai._core.gates`), which is exact
 against the gated network but whose ``W`` is not the Jacobian of the original one. :attr:`Linearized.mode` says which.
 """
 
@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightning_xai._core.autograd import batched_vjp
+from lightning_xai._core.gates import GateRecorder, Mode, classify
 from lightning_xai._core.modules import eval_mode
-from lightning_xai.linearization.gates import GateRecorder, Mode, classify
 
 MODES = ("auto", "exact", "gated-linear")
 # relative residuals above these mean the network is not what the gates describe (floating-point error is far below)
@@ -75,19 +76,6 @@ def _class_indices(classes: torch.Tensor | Sequence[int] | None, batch: int, n_o
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_out):
         raise ValueError(f"classes must lie in [0, {n_out}), got {sorted(set(idx.flatten().tolist()))[:10]}")
     return idx
-
-
-def batched_vjp(output: torch.Tensor, x: torch.Tensor, cotangents: torch.Tensor, retain: bool = False) -> torch.Tensor:
-    """Rows ``cotangents[k] @ ∂output/∂x`` for all ``k`` in one batched backward; shape ``(K, *x.shape)``.
-
-    Falls back to one backward per row where an operation has no batched backward rule.
-    """
-    try:
-        (grads,) = torch.autograd.grad(output, x, cotangents, retain_graph=retain, is_grads_batched=True)
-        return grads
-    except RuntimeError:
-        rows = [torch.autograd.grad(output, x, c, retain_graph=True)[0] for c in cotangents]
-        return torch.stack(rows)
 
 
 def resolve_mode(model: nn.Module, mode: str = "auto") -> Mode:

@@ -59,3 +59,19 @@ def stack_rows(rows: torch.Tensor, pad: int = 2) -> torch.Tensor:
     for row in rows[1:]:
         parts += [sep, row]
     return torch.cat(parts, dim=-2)
+
+
+def attribution_rows(x: torch.Tensor, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One image: a row per example, the input then each signed map (blue < 0 < red, white at 0).
+
+    The input uses the batch's intensity range. Each signed map is scaled symmetrically by its own largest magnitude:
+    maps in one row may have different units (a gradient, a displacement in input space), so only the pattern within
+    a tile, not the colour strength across tiles, is comparable.
+    """
+    low, high = float(x.min()), float(x.max())
+    tiles = [to_rgb(x, low, high)]
+    for m in maps:
+        m = m.detach().float()
+        limit = m.abs().flatten(1).amax(1).clamp_min(1e-12)
+        tiles.append(diverging(m / limit.view(-1, *([1] * (m.dim() - 1))), 1.0))
+    return stack_rows(tile_row(tiles))

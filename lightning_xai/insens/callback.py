@@ -1,0 +1,121 @@
+"""The Insens callback: switched linear projections and inactive-state sensitivity at each validation epoch.
+
+At every reporting epoch it computes Insens (:func:`~lightning_xai.insens.insens`) on a fixed set of validation
+examples and logs
+
+* ``insens/active_fraction_<layer>``: the fraction of each ReLU layer's neurons that are on (the paper reports 17%
+  on average for its MNIST network), and ``insens/inactive``, the number of neurons behind each map;
+* ``insens/r_min_median``: the median distance from an input to the nearest neuron switching hyperplane;
+* ``insens/deletion_auc_<order>`` and ``insens/insertion_auc_<order>`` for the orders ``insens`` (``|Ω̂|``, since
+  Insens is class-agnostic), ``gradient`` (``|∂F_pred/∂x|``) and ``random``, on the predicted class;
+
+and the image ``insens/probes``: per probe example, input | Insens | gradient of the predicted class.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_xai._core.attribution import AttributionCallback
+from lightning_xai._core.batch import BatchFn
+from lightning_xai._core.logging import figure_to_image, log_image
+from lightning_xai.insens.core import LOSER_POLICIES, InsensMap, insens, require_relu_network
+from lightning_xai.linearization.core import linearize
+from lightning_xai.metrics.functional import deletion_auc, insertion_auc
+from lightning_xai.viz import attribution_rows, feature_bars
+
+METHODS = ("auto", "exact", "hutchinson")
+
+
+class Insens(AttributionCallback):
+    """Log Insens maps and neuron statistics of a ReLU-family LightningModule at validation epoch end.
+
+    Args:
+        method: ``"auto"`` (exact row norms up to 1,024 input features, Hutchinson beyond), ``"exact"`` or
+            ``"hutchinson"``.
+        samples: Hutchinson directions (relative error per neuron about ``√(2/samples)``).
+        maxpool_losers: ``"active"`` (only ``v ≤ 0`` is inactive, the paper's equation) or ``"inactive"``.
+        steps: steps of the deletion and insertion curves.
+        probe_size: validation examples drawn in ``insens/probes``.
+        metric_size: validation examples (per rank) behind the scalars.
+        every_n_epochs: report every this many validation epochs.
+        input_fn: callable ``batch -> input``.
+        target_fn: callable ``batch -> target``.
+        name: tag prefix (default ``insens``).
+        seed: seed of the Hutchinson directions and of the random ordering.
+    """
+
+    method = "insens"
+
+    def __init__(
+        self,
+        method: str = "auto",
+        *,
+        samples: int = 64,
+        maxpool_losers: str = "active",
+        steps: int = 20,
+        probe_size: int = 8,
+        metric_size: int = 64,
+        every_n_epochs: int = 1,
+        input_fn: BatchFn | None = None,
+        target_fn: BatchFn | None = None,
+        name: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            input_fn=input_fn, target_fn=target_fn, probe_size=probe_size, metric_size=metric_size,
+            every_n_epochs=every_n_epochs, name=name, seed=seed,
+        )
+        if method not in METHODS:
+            raise ValueError(f"method={method!r} is not one of {METHODS}")
+        if maxpool_losers not in LOSER_POLICIES:
+            raise ValueError(f"maxpool_losers={maxpool_losers!r} is not one of {LOSER_POLICIES}")
+        if not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"samples={samples!r} must be a positive integer")
+        self.norms, self.samples, self.maxpool_losers, self.steps = method, samples, maxpool_losers, steps
+
+    def configure(self, trainer: pl.Trainer | None, model: torch.nn.Module) -> None:
+        require_relu_network(model)  # fail at setup, not at the first report
+
+    def explain(self, x: torch.Tensor) -> InsensMap:
+        """Insens of the attached model for a batch ``x`` (see :func:`~lightning_xai.insens.insens`)."""
+        if self.model is None:
+            raise RuntimeError("Insens.explain needs the callback to have been set up by trainer.fit")
+        method = self.norms if self.norms != "auto" else ("exact" if x[0].numel() <= 1024 else "hutchinson")
+        with self.rng.active(x.device):
+            return insens(self.model, x, method=method, samples=self.samples, maxpool_losers=self.maxpool_losers)
+
+    def _gradient(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient of the predicted class (the Jacobian row: the model is piecewise-linear) and the prediction."""
+        lin = linearize(self.model, x, classes=None)
+        pred = lin.output.argmax(-1)
+        return lin.weight[torch.arange(x.shape[0], device=x.device), pred], pred
+
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        result = self.explain(x)
+        grad, pred = self._gradient(x)
+        scores: dict[str, torch.Tensor] = {
+            "inactive": result.inactive,
+            "r_min_median": result.r_min.median().expand_as(result.inactive),
+        }
+        for layer, fraction in result.active_fraction.items():
+            scores[f"active_fraction_{layer}"] = fraction
+        with self.rng.active(x.device):
+            random = torch.rand_like(x)
+        for order, attribution in (("insens", result.map.abs()), ("gradient", grad.abs()), ("random", random)):
+            scores[f"deletion_auc_{order}"] = deletion_auc(self.model, x, attribution, pred, steps=self.steps)
+            scores[f"insertion_auc_{order}"] = insertion_auc(self.model, x, attribution, pred, steps=self.steps)
+        return scores, {}
+
+    def draw(self, trainer: pl.Trainer, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        result = self.explain(x)
+        grad, pred = self._gradient(x)
+        if x.dim() == 4:
+            log_image(trainer, self.tag("probes"), attribution_rows(x.cpu(), [result.map.cpu(), grad.cpu()]))
+            return
+        rows = [{"Insens": result.map[i].flatten().cpu(), "gradient": grad[i].flatten().cpu()}
+                for i in range(min(4, len(x)))]
+        titles = [f"probe {i}: predicted {int(pred[i])}" for i in range(len(rows))]
+        names = getattr(trainer.datamodule, "feature_names", None) if trainer.datamodule is not None else None
+        log_image(trainer, self.tag("probes"), figure_to_image(feature_bars(rows, names, titles)))
