@@ -5,16 +5,19 @@ in eval mode. For a batch of B validation digits the script times, in interleave
 
 (a) ``linearize(model, x)``: all 10 classes from one batched VJP (``is_grads_batched``) plus the frozen-gate zero
     pass for the bias (and its residual check);
+(a") ``linearize(model, x, bias="difference")``: the same W, with ``b = F(x) − W·x`` instead of the frozen-gate pass;
+(a') for reference, the Jacobian half of (a) alone: one forward and one batched VJP, nothing else;
 (b) a per-target loop, one fresh forward and one backward of ``model(x)[:, c].sum()`` per class c: 10 forwards and
     10 backwards. This mirrors the cost of per-target gradient attribution as Captum's ``Saliency`` runs it
     (``attribute(x, target=c)`` once per class); Captum itself is not used;
 (c) ``torch.func.vmap(torch.func.jacrev(f))(x)`` with ``f = lambda xi: model(xi[None])[0]`` (eval-mode BatchNorm
     reads only its running statistics, so functorch handles it).
 
-Before timing it checks that (a), (b) and (c) give the same ``W`` (max abs difference < 1e-5, else exit 1). It then
-prints the bytes of ``W`` per example (``K·D·4`` in float32) for digits, MNIST and ImageNet-sized inputs, and the
-measured peak-memory increase of one ``linearize`` call on a larger fresh batch: on CPU the growth of the peak RSS
-(``ru_maxrss``; tracemalloc does not see torch's CPU allocations), on CUDA ``torch.cuda.max_memory_allocated``.
+Before timing it checks that (a), (a'), (b) and (c) give the same ``W`` (max abs difference < 1e-5, else exit 1).
+It then prints the bytes of ``W`` per example (``K·D·4`` in float32) for digits, MNIST and ImageNet-sized inputs, and
+the measured peak-memory increase of one ``linearize`` call on a larger fresh batch: on CPU the peak RSS (``ru_maxrss``,
+its high-water mark reset first through ``/proc/self/clear_refs``) minus the RSS before the call, since tracemalloc
+does not see torch's CPU allocations; on CUDA ``torch.cuda.max_memory_allocated``.
 
     python benchmarks/linearization_speed.py --batch 64 --repeats 20 --threads 1
     python benchmarks/linearization_speed.py --device cuda          # when a GPU is available
@@ -54,6 +57,19 @@ def via_linearize(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return linearize(model, x).weight
 
 
+def via_linearize_difference(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return linearize(model, x, bias="difference").weight
+
+
+def via_batched_vjp(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The Jacobian half of (a) alone: one forward and one batched VJP, no gate recording, bias pass or check."""
+    xg = x.detach().clone().requires_grad_(True)
+    out = model(xg)
+    cotangents = torch.eye(out.shape[1], dtype=out.dtype, device=out.device)[:, None, :].expand(-1, *out.shape)
+    (grads,) = torch.autograd.grad(out, xg, cotangents, is_grads_batched=True)
+    return grads.movedim(0, 1)
+
+
 def via_per_target(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """One forward and one backward per class, as a per-target attribution method (Captum's Saliency) runs them."""
     rows = []
@@ -70,6 +86,8 @@ def via_vmap_jacrev(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 METHODS = {
     "(a) linearize": via_linearize,
+    '(a") linearize, bias=difference': via_linearize_difference,
+    "(a') batched VJP only": via_batched_vjp,
     "(b) per-target loop": via_per_target,
     "(c) vmap(jacrev)": via_vmap_jacrev,
 }
@@ -80,8 +98,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def peak_memory_increase(model: torch.nn.Module, x: torch.Tensor, chunk_size: int | None) -> float:
-    """Growth of the process's peak memory during one ``linearize`` call, in bytes (see :data:`MEMORY_HOW`)."""
+def current_rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (and so ``ru_maxrss``) to the current RSS; False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_increase(model: torch.nn.Module, x: torch.Tensor, chunk_size: int | None) -> tuple[float, str]:
+    """Growth of the process's peak memory during one ``linearize`` call, in bytes, and how it was measured."""
     if x.device.type == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -89,22 +122,24 @@ def peak_memory_increase(model: torch.nn.Module, x: torch.Tensor, chunk_size: in
         w = linearize(model, x, chunk_size=chunk_size).weight
         torch.cuda.synchronize()
         del w
-        return float(torch.cuda.max_memory_allocated() - before)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        return float(torch.cuda.max_memory_allocated() - before), "torch.cuda.max_memory_allocated - allocated before"
+    # tracemalloc does not see torch's CPU allocations, so use the kernel's peak RSS (ru_maxrss, KiB on Linux)
+    if reset_peak_rss():
+        before, how = current_rss_kib(), "ru_maxrss after - RSS before, high-water mark reset via /proc/self/clear_refs"
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        how = "ru_maxrss after - ru_maxrss before: a lower bound (the earlier peak may cover part of the call)"
     w = linearize(model, x, chunk_size=chunk_size).weight
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     del w
-    return (after - before) * 1024.0
+    return (after - before) * 1024.0, how
 
 
-MEMORY_HOW = {
-    "cpu": "growth of the peak RSS (ru_maxrss), a lower bound: the earlier peak may cover part of the call",
-    "cuda": "torch.cuda.max_memory_allocated minus memory_allocated before the call",
-}
-
-
-def mib(n: float) -> str:
-    return f"{n / 2**20:,.1f} MiB"
+def size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n:.0f} B"
 
 
 def main() -> None:
@@ -129,7 +164,7 @@ def main() -> None:
     x = x_val[: args.batch].to(device)
     batch, d = x.shape[0], x[0].numel()
 
-    # the three must agree before their times mean anything
+    # the methods must agree before their times mean anything
     weights = {name: fn(model, x).detach() for name, fn in METHODS.items()}
     reference = weights["(a) linearize"]
     worst = 0.0
@@ -143,7 +178,6 @@ def main() -> None:
     # memory, on a fresh batch larger than anything seen so far (the validation set tiled)
     reps = -(-args.mem_batch // x_val.shape[0])
     x_mem = x_val.repeat(reps, 1, 1, 1)[: args.mem_batch].to(device)
-    # the smaller peak first: ru_maxrss only grows
     grown = {chunk: peak_memory_increase(model, x_mem, chunk) for chunk in (1, None)}
 
     clock = time.perf_counter if args.clock == "wall" or device.type == "cuda" else time.process_time
@@ -164,18 +198,24 @@ def main() -> None:
     print(f"\ndevice {device}, torch threads {torch.get_num_threads()}, batch {batch}, input D = {d}, K = 10 classes, "
           f"median {clock_name} time of {args.repeats} interleaved rounds after {args.warmup} warm-up")
     for name, m in med.items():
-        print(f"{name:22s} median {m * 1e3:8.2f} ms   ({m / batch * 1e6:7.1f} us per example)")
-    a = med["(a) linearize"]
-    print(f"ratio (b)/(a) = {med['(b) per-target loop'] / a:.2f}x   ratio (c)/(a) = {med['(c) vmap(jacrev)'] / a:.2f}x")
+        print(f"{name:32s} median {m * 1e3:8.2f} ms   ({m / batch * 1e6:7.1f} us per example)")
+    a, a2 = med["(a) linearize"], med['(a") linearize, bias=difference']
+    loop, jac = med["(b) per-target loop"], med["(c) vmap(jacrev)"]
+    print(f"ratio (b)/(a) = {loop / a:.2f}x   ratio (b)/(a\") = {loop / a2:.2f}x   "
+          f"ratio (c)/(a) = {jac / a:.2f}x   ratio (c)/(a\") = {jac / a2:.2f}x")
+    rest = a - med["(a') batched VJP only"]
+    print(f"(a') is the Jacobian part of (a); (a) - (a') = {rest * 1e3:.2f} ms is the "
+          "gate recording, the frozen-gate bias pass and the residual check")
 
     print("\nmemory of W per example (float32, K*D*4 bytes):")
     for label, k, dim in (("digits", 10, d), ("MNIST", 10, 784), ("ImageNet", 1000, 3 * 224 * 224)):
-        print(f"  {label:9s} K={k:5d} D={dim:7d}: {k * dim * 4:>13,d} B  ({mib(k * dim * 4)})")
+        print(f"  {label:9s} K={k:5d} D={dim:7d}: {k * dim * 4:>13,d} B  ({size(k * dim * 4)}); "
+              f"a batch of 64: {size(64 * k * dim * 4)}")
     w_bytes = x_mem.shape[0] * 10 * d * 4
-    print(f"measured, one linearize call on {x_mem.shape[0]} fresh digits (W itself is {mib(w_bytes)}): peak increase "
-          f"{mib(grown[None])} with all 10 classes in one batched backward, {mib(grown[1])} with chunk_size=1")
-    print(f"  ({MEMORY_HOW[device.type]}; the batched backward holds K*B copies of the hidden activations' "
-          "gradients, chunk_size bounds K)")
+    print(f"measured, one linearize call on {x_mem.shape[0]} fresh digits (W itself is {size(w_bytes)}): peak increase "
+          f"{size(grown[None][0])} with all 10 classes in one batched backward, {size(grown[1][0])} with chunk_size=1")
+    print(f"  ({grown[None][1]}; the batched backward holds K*B copies of the hidden activations' gradients, "
+          "chunk_size bounds K)")
 
 
 if __name__ == "__main__":

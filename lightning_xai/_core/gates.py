@@ -82,9 +82,24 @@ def _metric_types() -> tuple[type, ...]:
         return ()
 
 
-def _tangent(module: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _slope(module: nn.Module, z: torch.Tensor) -> torch.Tensor | None:
+    """Closed-form slope of the common piecewise-linear units (autograd's convention: 0 at the kinks)."""
+    if type(module) is nn.ReLU:
+        return (z > 0).to(z.dtype)
+    if type(module) is nn.LeakyReLU:
+        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, module.negative_slope))
+    if type(module) in (nn.ReLU6, nn.Hardtanh):
+        return ((z > module.min_val) & (z < module.max_val)).to(z.dtype)
+    return None
+
+
+def _tangent(module: nn.Module, z: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Slope and offset of the linear piece of a piecewise-linear unit at z (derivative 0 at kinks, as autograd)."""
-    with torch.enable_grad():
+    z = z.detach()
+    slope = _slope(module, z)
+    if slope is not None:
+        return slope, (output.detach() - slope * z)
+    with torch.enable_grad():  # other units (PReLU, subclasses): differentiate the unit itself
         z_ = z.detach().requires_grad_(True)
         out = module.forward(z_)  # forward(), not __call__: our own hook must not fire again
         (slope,) = torch.autograd.grad(out.sum(), z_)
@@ -160,7 +175,7 @@ class GateRecorder:
 
     def _gate(self, module: nn.Module, z: torch.Tensor, output: Any) -> tuple[torch.Tensor, ...]:
         if isinstance(module, PIECEWISE_LINEAR):
-            return _tangent(module, z)
+            return _tangent(module, z, output)
         if isinstance(module, MAX_POOLS):
             return (pool_indices(module, z),)
         if isinstance(module, SMOOTH):

@@ -43,6 +43,12 @@ from lightning_xai.viz import diverging, feature_bars, stack_rows, tile_row, to_
 ACTIVATION_MODES = ("train", "eval")
 
 
+def _all_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every tensor is finite on every rank (one tiny all-reduce under DDP: all ranks skip together)."""
+    bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).any().float()
+    return not bool(all_reduce_(bad, "max"))
+
+
 def _fast_adam(device: torch.device) -> dict[str, bool]:
     """Adam's fastest implementation for the device: fused kernels where supported (one kernel for all tensors)."""
     fused_ok = device.type == "cuda" or (device.type == "cpu" and TorchVersion(torch.__version__) >= "2.4")
@@ -262,6 +268,10 @@ class ClaDec(ExplainerCallback):
         assert self.model is not None
         code = self.encode(x) if code is None else code
         core = self._ensure_built(x, code)
+        self.steps += 1
+        if not _all_finite(x, code):  # skip before any forward: a NaN would also reach the RefAE's BatchNorm
+            self._skip("its inputs or activations")
+            return {}
         recon = core.decoder(code)
         logits = target = None
         if self.alpha > 0:
@@ -275,13 +285,14 @@ class ClaDec(ExplainerCallback):
                 ref_loss = reconstruction_loss(core.refae(x), x)
             loss = loss + ref_loss
             losses["refae/rec_loss"] = ref_loss.detach()
-        stepped = owned_step(loss, [p for p in core.parameters() if p.requires_grad], self._optimizer)
-        self.steps += 1
-        if not stepped:
-            self.skipped_steps += 1
-            if self.skipped_steps == 1:
-                rank_zero_warn("ClaDec: skipped a step whose gradients were NaN/Inf (counted in skipped_steps).")
+        if not owned_step(loss, [p for p in core.parameters() if p.requires_grad], self._optimizer):
+            self._skip("its gradients")
         return losses
+
+    def _skip(self, what: str) -> None:
+        self.skipped_steps += 1
+        if self.skipped_steps == 1:
+            rank_zero_warn(f"ClaDec: skipped a step because {what} held NaN/Inf (counted in skipped_steps).")
 
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
         assert self.model is not None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ from lightning_xai._core.gates import GateRecorder, Mode, classify
 from lightning_xai._core.modules import eval_mode
 
 MODES = ("auto", "exact", "gated-linear")
+BIASES = ("frozen", "difference")
 # relative residuals above these mean the network is not what the gates describe (floating-point error is far below)
 RESIDUAL_WARNING = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 1e-1, torch.bfloat16: 1e-1}
 
@@ -102,6 +104,7 @@ def linearize(
     *,
     mode: str = "auto",
     chunk_size: int | None = None,
+    bias: str = "frozen",
 ) -> Linearized:
     """The exact local linear map ``F(x) = W·x + b`` of ``model`` at each example of ``x``.
 
@@ -116,15 +119,22 @@ def linearize(
         mode: ``"auto"`` (exact when the network is piecewise-linear, otherwise gated-linear), ``"exact"`` or
             ``"gated-linear"``.
         chunk_size: outputs per batched backward (memory ``O(chunk·B·D)``); ``None`` does all at once.
+        bias: ``"frozen"`` computes ``b`` independently, pushing zero through the frozen gates (one more forward
+            pass; then :meth:`Linearized.residual` checks the identity, and a large residual is warned about), or
+            ``"difference"`` sets ``b = F(x) − W·x`` (cheaper; the identity then holds by construction).
 
     Returns:
         a :class:`Linearized`.
     """
+    if bias not in BIASES:
+        raise ValueError(f"bias={bias!r} is not one of {BIASES}")
     resolved = resolve_mode(model, mode)
     recorder = GateRecorder(model, gated=resolved == "gated-linear")
+    # gates are recorded for the bias pass, and in gated-linear mode to route the forward through them
+    recording = recorder.record() if bias == "frozen" or resolved == "gated-linear" else nullcontext()
     with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
         x = x.detach().clone().requires_grad_(True)
-        with recorder.record():
+        with recording:
             out = model(x).flatten(1)
         batch, n_out = out.shape
         idx = _class_indices(classes, batch, n_out, out.device)
@@ -138,9 +148,12 @@ def linearize(
             rows.append(batched_vjp(out, x, cot, retain=start + chunk < k))
         weight = torch.cat(rows).movedim(0, 1).detach()  # (B, K, *input_shape)
         output = out.detach().gather(1, idx)
+        if bias == "difference":
+            offset = output - (weight.flatten(2) * x.detach().flatten(1)[:, None, :]).sum(-1)
+            return Linearized(weight=weight, bias=offset, output=output, classes=idx, mode=resolved)
         with torch.no_grad(), recorder.replay():
-            bias = model(torch.zeros_like(x)).flatten(1).gather(1, idx)
-    result = Linearized(weight=weight, bias=bias, output=output, classes=idx, mode=resolved)
+            offset = model(torch.zeros_like(x)).flatten(1).gather(1, idx)
+    result = Linearized(weight=weight, bias=offset, output=output, classes=idx, mode=resolved)
     worst = float(result.residual(x.detach()).max()) if output.numel() else 0.0
     if worst > RESIDUAL_WARNING[output.dtype] if output.dtype in RESIDUAL_WARNING else worst > 1e-3:
         warnings.warn(

@@ -73,6 +73,8 @@ def test_weight_of_a_class_is_its_input_gradient_and_subsets_agree():
     one = linearize(model, x, classes=predicted)
     assert one.weight.shape == (4, 1, 2, 8, 8)
     assert torch.equal(one.weight[:, 0], full.weight[torch.arange(4), predicted])
+    cheap = linearize(model, x, bias="difference")
+    assert torch.equal(cheap.weight, full.weight) and torch.allclose(cheap.bias, full.bias, atol=1e-5)
     pair = linearize(model, x, classes=[3, 1], chunk_size=1)
     assert torch.equal(pair.weight, full.weight[:, [3, 1]]) and torch.equal(pair.bias, full.bias[:, [3, 1]])
     with pytest.raises(ValueError, match=r"\[0, 5\)"):
