@@ -32,7 +32,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.torch_version import TorchVersion
 
-from lightning_xai._core import ExplainerCallback, LayerTap, eval_mode, last_linear_name, owned_step
+from lightning_xai._core import ExplainerCallback, LayerTap, PrivateRNG, eval_mode, last_linear_name, owned_step
 from lightning_xai._core.batch import BatchFn
 from lightning_xai._core.distributed import all_reduce_, broadcast_module
 from lightning_xai._core.logging import figure_to_image, log_image, log_scalars
@@ -192,7 +192,10 @@ class ClaDec(ExplainerCallback):
         """Build modules and optimisers from :attr:`_shapes` (identically on every rank), then restore any state."""
         assert self.model is not None and self._shapes is not None
         s = self._shapes
-        with self.rng.active(device):
+        # a fresh build draws its initial weights from the private stream; a rebuild for restored weights must not
+        # advance that stream (the resumed run would then draw different dropout masks than the uninterrupted one)
+        init = self.rng.active(device) if self._restored is None else PrivateRNG(self.rng.seed).active(device)
+        with init:
             core = ClaDecModel(
                 self.model, s["layer"], s["capture"], s["code_shape"], s["input_shape"],
                 self.width, s["output_activation"], self.use_refae,
