@@ -3,7 +3,6 @@ set, equal those of one process on all of it; images are written once per epoch.
 
 import lightning as L
 import pytest
-import torch
 from conftest import quiet_trainer, read_events
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
