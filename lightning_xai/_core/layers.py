@@ -25,11 +25,13 @@ class LayerNotFoundError(ValueError):
 
 
 def resolve_layer(model: nn.Module, name: str) -> nn.Module:
-    """Return the submodule called ``name`` (a dotted name as in ``model.named_modules()``).
+    """Return the submodule called ``name`` (a dotted name as in ``model.named_modules()``; ``""`` is the model).
 
     Raises:
         LayerNotFoundError: naming the bad value and the closest valid names.
     """
+    if name == "":
+        return model
     names = [n for n, _ in model.named_modules() if n]
     if name in names:
         return model.get_submodule(name)
@@ -128,8 +130,8 @@ class LayerTap:
         if not self._armed:
             return
         tensor = _first_tensor(value)
-        if tensor is None:
-            raise TypeError(f"layer {self.name!r} produced {type(value).__name__}, which holds no tensor to capture")
+        if tensor is None:  # e.g. Lightning's DDP wrapper calls the module as its training/validation step
+            return
         self.value = tensor
         self.calls += 1
         if self._stop:

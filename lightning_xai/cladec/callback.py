@@ -145,6 +145,7 @@ class ClaDec(ExplainerCallback):
         self.activation_mode = activation_mode
         self.output_activation = output_activation
         self.tap: LayerTap | None = None
+        self._output_tap: LayerTap | None = None
         self.core: ClaDecModel | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._shapes: dict[str, Any] | None = None
@@ -162,13 +163,13 @@ class ClaDec(ExplainerCallback):
 
     # ------------------------------------------------------------------ set-up
     def configure(self, trainer: pl.Trainer | None, model: nn.Module) -> None:
-        if self.tap is not None:
-            self.tap.detach()
+        self.release()
         if self.layer is None:
             name, capture = last_linear_name(model), "input"
         else:
             name, capture = self.layer, "output"
         self.tap = LayerTap(model, name, capture).attach()
+        self._output_tap = LayerTap(model, "", "output").attach()  # the model's own output (logits)
         if self._shapes is not None and (self._shapes["layer"], self._shapes["capture"]) != (name, capture):
             raise ValueError(
                 f"the checkpoint's ClaDec state decodes {self._shapes['layer']!r} ({self._shapes['capture']}), "
@@ -178,8 +179,9 @@ class ClaDec(ExplainerCallback):
             rank_zero_info(f"ClaDec: layer=None, decoding {self.tap.describe()}, the last hidden representation.")
 
     def release(self) -> None:
-        if self.tap is not None:
-            self.tap.detach()
+        for tap in (self.tap, self._output_tap):
+            if tap is not None:
+                tap.detach()
 
     def _resolve_activation(self, x: torch.Tensor) -> str:
         if self.output_activation != "auto":
@@ -308,10 +310,26 @@ class ClaDec(ExplainerCallback):
         names = [self.tag(m) for m in ("rec_loss", "agreement", "acc_on_recon", "ce_on_recon")]
         return names + [self.tag(m, ref) for m in ("rec_loss", "agreement", "acc_on_recon")]
 
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self.activation_mode == "train" and self._reporting(trainer) and self._output_tap is not None:
+            self.tap.arm()  # reuse the validation forward the user runs anyway (same assumption as in training)
+            self._output_tap.arm()
+
+    def _seen(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(code, logits) captured during the user's validation step on ``x``, if it ran the model on it."""
+        if self.activation_mode != "train" or self._output_tap is None:
+            return None
+        code, logits = self.tap.disarm(), self._output_tap.disarm()
+        ok = code is not None and logits is not None and code.shape[0] == logits.shape[0] == x.shape[0]
+        return (code, logits) if ok else None
+
     def validation_batch(self, trainer: pl.Trainer, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        seen = self._seen(x)
         if self.core is None and self._restored is None:
             return
-        logits_x, out = self._reconstruct(x)
+        logits_x, out = self._reconstruct(x, seen)
         recons = out.cladec if out.refae is None else torch.cat([out.cladec, out.refae])
         with torch.no_grad(), eval_mode(self.model):  # one forward for both reconstructions
             logits = self.model(recons).float()
@@ -394,17 +412,26 @@ class ClaDec(ExplainerCallback):
             self.attach(model)
         return self._reconstruct(x)[1]
 
-    def _reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, ClaDecExplanation]:
-        """The classifier's logits on ``x`` and the explanation, from one full eval-mode forward."""
+    def _reconstruct(
+        self, x: torch.Tensor, seen: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, ClaDecExplanation]:
+        """The classifier's logits on ``x`` and the explanation, from one full eval-mode forward.
+
+        ``seen`` = (code, logits) already captured from the user's own forward on ``x`` saves that forward.
+        """
         if self.model is None or self.tap is None:
             raise RuntimeError("ClaDec.explain needs a model: pass model=... or use the callback in trainer.fit first")
         if self.core is None and self._shapes is None:
             raise RuntimeError("ClaDec has not been trained yet: fit it (trainer.fit) or load a checkpoint's state")
         with torch.inference_mode(False), torch.no_grad(), eval_mode(self.model):
             x = x.clone() if x.is_inference() else x
-            with self.tap.recording():
-                logits = self.model(x)
-            code = self.tap.value.detach().float()
+            if seen is None:
+                with self.tap.recording():
+                    logits = self.model(x)
+                code = self.tap.value
+            else:
+                code, logits = (t.clone() for t in seen)
+            code = code.detach().float()
             core = self._ensure_built(x, code)
             with eval_mode(core):
                 cladec = core.decoder(code)
