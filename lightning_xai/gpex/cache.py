@@ -1,0 +1,247 @@
+"""The inducing cache of GPEX: one feature row and one target row per training example, and their Gram sums.
+
+In GPEX every training example is an inducing point of every head's GP. With the finite-rank kernel
+``k(x, x') = f(x)ᵀf(x')`` the posterior needs the inducing set only through two small sums per head, by the
+push-through identity ``Uᵀ(UUᵀ + σ²I)⁻¹ = (UᵀU + σ²I)⁻¹Uᵀ``:
+
+* ``G_ℓ = U_ℓᵀ U_ℓ`` (D×D) and ``c_ℓ = U_ℓᵀ V_ℓ`` (D),
+
+so a training step never touches an M×M (or B×M) matrix. When rows change, both sums take a rank-B update
+(subtract the old rows' outer products, add the new ones); :meth:`InducingCache.refresh` recomputes them from all
+rows, to be called every K updates so rounding cannot accumulate. The sums are kept in float64 and built from the
+rows *as stored* (after casting to the storage dtype), so the cached sums always describe exactly the stored rows.
+
+Slots are written by index. Slots never written are "empty": their rows are zero and ``filled`` is false, so they
+add nothing to G, c or a neighbour search. The cache has a fixed size, or grows (doubling its storage) when a
+write names a slot past the end. Every buffer is in the ``state_dict``, and loading resizes the row buffers to
+the checkpoint's, so a round trip restores the cache exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["InducingCache"]
+
+_REFRESH_CHUNK = 65536
+_ROW_BUFFERS = ("U", "V", "filled", "index", "inputs")
+
+
+def _last_occurrence(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Unique slots and, when there were repeats, the position of each one's last occurrence (else None)."""
+    uniq, inverse = torch.unique(slots, return_inverse=True)
+    if uniq.numel() == slots.numel():
+        return slots, None
+    positions = torch.arange(slots.numel(), device=slots.device)
+    last = torch.full((uniq.numel(),), -1, dtype=torch.long, device=slots.device)
+    return uniq, last.scatter_reduce(0, inverse, positions, reduce="amax")
+
+
+def _gram(u: torch.Tensor) -> torch.Tensor:
+    """Per-head Gram ``Σ_b u_b u_bᵀ`` of ``(B, L, D)`` rows, ``(L, D, D)``."""
+    return torch.einsum("bld,ble->lde", u, u)
+
+
+def _cross(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Per-head ``Σ_b u_b v_b`` of ``(B, L, D)`` rows and ``(B, L)`` targets, ``(L, D)``."""
+    return torch.einsum("bld,bl->ld", u, v)
+
+
+class InducingCache(nn.Module):
+    """Rows ``U`` (M, L, D) and ``V`` (M, L) of the inducing set, with ``G = UᵀU`` (L, D, D) and ``c = UᵀV`` (L, D).
+
+    Args:
+        heads: Number of heads L.
+        dim: Features per head D.
+        capacity: Number of slots M; ``None`` starts empty and grows as slots past the end are written.
+        storage_dtype: dtype of ``U`` (float32; bfloat16 halves memory on GPU). ``V`` is float32 (float64 when
+            ``U`` is); G and c are float64.
+        store_inputs: Also keep each slot's input (allocated on the first write that passes inputs), for
+            neighbour panels when examples carry no dataset index.
+        refresh_every: Recompute G and c from all rows after this many :meth:`write` calls (``None``: never).
+
+    Buffers (all in the ``state_dict``): ``U``, ``V``, ``G``, ``c``, ``filled`` (M,) bool, ``index`` (M,) int64
+    dataset index per slot (−1 when unknown), ``inputs`` (M, ...) or empty, ``updates`` (number of writes).
+    """
+
+    def __init__(
+        self,
+        heads: int,
+        dim: int,
+        capacity: int | None = None,
+        storage_dtype: torch.dtype = torch.float32,
+        store_inputs: bool = False,
+        refresh_every: int | None = 1000,
+    ) -> None:
+        super().__init__()
+        self.heads, self.dim = int(heads), int(dim)
+        self.growing = capacity is None
+        self.store_inputs = bool(store_inputs)
+        self.refresh_every = None if refresh_every is None else int(refresh_every)
+        if self.refresh_every is not None and self.refresh_every < 1:
+            raise ValueError(f"refresh_every must be >= 1 or None, got {refresh_every!r}")
+        m = 0 if capacity is None else int(capacity)
+        if m < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity!r}")
+        self.register_buffer("U", torch.zeros(m, self.heads, self.dim, dtype=storage_dtype))
+        v_dtype = torch.float64 if storage_dtype == torch.float64 else torch.float32
+        self.register_buffer("V", torch.zeros(m, self.heads, dtype=v_dtype))
+        self.register_buffer("G", torch.zeros(self.heads, self.dim, self.dim, dtype=torch.float64))
+        self.register_buffer("c", torch.zeros(self.heads, self.dim, dtype=torch.float64))
+        self.register_buffer("filled", torch.zeros(m, dtype=torch.bool))
+        self.register_buffer("index", torch.full((m,), -1, dtype=torch.long))
+        self.register_buffer("inputs", torch.zeros(0))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    @property
+    def capacity(self) -> int:
+        """Number of slots currently allocated (M)."""
+        return self.U.shape[0]
+
+    @property
+    def num_filled(self) -> int:
+        """Number of slots that hold a row."""
+        return int(self.filled.sum())
+
+    # ------------------------------------------------------------------ storage management
+    def _grow(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        if not self.growing:
+            raise IndexError(f"slot {needed - 1} is out of range for a cache of fixed size {self.capacity}")
+        new = max(needed, 2 * self.capacity, 64)
+        for name in _ROW_BUFFERS:
+            old = getattr(self, name)
+            if name == "inputs" and old.numel() == 0 and old.dim() == 1:
+                continue  # not allocated yet
+            fill = -1 if name == "index" else 0
+            grown = torch.full((new, *old.shape[1:]), fill, dtype=old.dtype, device=old.device)
+            grown[: old.shape[0]] = old
+            setattr(self, name, grown)
+
+    def _check_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        slots = torch.as_tensor(slots, dtype=torch.long, device=self.U.device).reshape(-1)
+        if slots.numel() and int(slots.min()) < 0:
+            raise IndexError("slots must be non-negative")
+        return slots
+
+    # ------------------------------------------------------------------ writes
+    @torch.no_grad()
+    def write(
+        self,
+        slots: torch.Tensor,
+        u_rows: torch.Tensor,
+        v_rows: torch.Tensor,
+        inputs: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
+    ) -> None:
+        """Overwrite the rows at ``slots`` and apply the rank-B update to G and c.
+
+        ``G ← G − U_oldᵀU_old + U_newᵀU_new`` and ``c ← c − U_oldᵀV_old + U_newᵀV_new`` per head, from the rows as
+        stored. Repeated slots keep their last row. Counts as one update for ``refresh_every``.
+
+        Args:
+            slots: (B,) slot numbers.
+            u_rows: (B, L, D) features f(x̃) of the examples (detached).
+            v_rows: (B, L) targets, the explained network's outputs at x̃.
+            inputs: (B, ...) the examples themselves, kept when ``store_inputs``.
+            index: (B,) dataset indices of the examples, when known.
+        """
+        slots = self._check_slots(slots)
+        u_rows, v_rows = u_rows.detach(), v_rows.detach()
+        if u_rows.shape != (slots.numel(), self.heads, self.dim) or v_rows.shape != (slots.numel(), self.heads):
+            raise ValueError(
+                f"expected u_rows {(slots.numel(), self.heads, self.dim)} and v_rows {(slots.numel(), self.heads)}, "
+                f"got {tuple(u_rows.shape)} and {tuple(v_rows.shape)}"
+            )
+        if slots.numel() == 0:
+            return
+        slots, last = _last_occurrence(slots)
+        if last is not None:
+            u_rows, v_rows = u_rows[last], v_rows[last]
+            inputs = None if inputs is None else inputs[last]
+            index = None if index is None else torch.as_tensor(index, device=last.device).reshape(-1)[last]
+        self._grow(int(slots.max()) + 1)
+        new_u = u_rows.to(device=self.U.device, dtype=self.U.dtype)
+        new_v = v_rows.to(device=self.V.device, dtype=self.V.dtype)
+        old_u, old_v = self.U[slots].double(), self.V[slots].double()
+        self.G.sub_(_gram(old_u)).add_(_gram(new_u.double()))
+        self.c.sub_(_cross(old_u, old_v)).add_(_cross(new_u.double(), new_v.double()))
+        self.U[slots] = new_u
+        self.V[slots] = new_v
+        self.filled[slots] = True
+        if index is not None:
+            self.index[slots] = torch.as_tensor(index, dtype=torch.long).reshape(-1).to(self.index.device)
+        if inputs is not None and self.store_inputs:
+            if self.inputs.shape[1:] != inputs.shape[1:] or self.inputs.shape[0] != self.capacity:
+                if self.inputs.numel():
+                    raise ValueError(f"inputs of shape {tuple(inputs.shape[1:])} differ from the stored ones")
+                self.inputs = torch.zeros(self.capacity, *inputs.shape[1:], dtype=inputs.dtype, device=self.U.device)
+            self.inputs[slots] = inputs.detach().to(self.inputs.device, self.inputs.dtype)
+        self.updates += 1
+        if self.refresh_every is not None and int(self.updates) % self.refresh_every == 0:
+            self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute ``G = UᵀU`` and ``c = UᵀV`` from all filled rows (chunked, float64)."""
+        self.G.zero_()
+        self.c.zero_()
+        for start in range(0, self.capacity, _REFRESH_CHUNK):
+            rows = slice(start, start + _REFRESH_CHUNK)
+            mask = self.filled[rows].to(torch.float64)
+            u = self.U[rows].double() * mask[:, None, None]
+            self.G.add_(_gram(u))
+            self.c.add_(_cross(u, self.V[rows].double()))
+
+    @torch.no_grad()
+    def clear(self) -> None:
+        """Empty every slot (rows to zero, ``filled`` false, G and c to zero); the capacity is kept."""
+        self.U.zero_()
+        self.V.zero_()
+        self.filled.zero_()
+        self.index.fill_(-1)
+        self.G.zero_()
+        self.c.zero_()
+        if self.inputs.numel():
+            self.inputs.zero_()
+
+    # ------------------------------------------------------------------ training-time view
+    def effective(
+        self, slots: torch.Tensor, u_grad: torch.Tensor, v_rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """G and c with the rows at ``slots`` replaced by ``u_grad``, gradients flowing only through ``u_grad``.
+
+        ``G_eff = sg(G − U_IᵀU_I) + u_gradᵀu_grad`` and ``c_eff = sg(c − U_IᵀV_I) + u_gradᵀv_rows`` (float64), where
+        ``U_I, V_I`` are the stored rows (zero for empty slots). Nothing is written.
+
+        Args:
+            slots: (B,) distinct slot numbers.
+            u_grad: (B, L, D) features of the slots' examples, carrying gradient.
+            v_rows: (B, L) their targets.
+
+        Raises:
+            ValueError: if ``slots`` repeats a slot (its stored row would be subtracted twice).
+        """
+        slots = self._check_slots(slots)
+        if torch.unique(slots).numel() != slots.numel():
+            raise ValueError("slots must be distinct")
+        known = slots < self.capacity
+        old_u = torch.zeros(slots.numel(), self.heads, self.dim, dtype=torch.float64, device=self.U.device)
+        old_v = torch.zeros(slots.numel(), self.heads, dtype=torch.float64, device=self.U.device)
+        old_u[known] = self.U[slots[known]].double()
+        old_v[known] = self.V[slots[known]].double()
+        base_g = self.G - _gram(old_u)
+        base_c = self.c - _cross(old_u, old_v)
+        u64 = u_grad.to(torch.float64)
+        return base_g + _gram(u64), base_c + _cross(u64, v_rows.detach().to(torch.float64))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        for name in _ROW_BUFFERS:  # the cache may have grown (or lazily allocated inputs) since construction
+            incoming = state_dict.get(prefix + name)
+            current = getattr(self, name)
+            if incoming is not None and incoming.shape != current.shape:
+                setattr(self, name, torch.empty(incoming.shape, dtype=incoming.dtype, device=current.device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
