@@ -1,0 +1,62 @@
+"""DMMMEN as a callback: fits during training, logs fidelity and the bootstrap tests, leaves training alone."""
+
+import lightning as L
+import pytest
+import torch
+from conftest import quiet_trainer, read_events
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_xai.data import DigitsDataModule
+from lightning_xai.dmmmen.callback import DMMMEN
+from lightning_xai.models import SmallCNN
+
+
+def fit(tmp_path, callbacks, epochs=3, **kwargs):
+    L.seed_everything(0)
+    model = SmallCNN()
+    trainer = quiet_trainer(tmp_path, max_epochs=epochs, callbacks=callbacks,
+                            logger=TensorBoardLogger(tmp_path, name="", version=""), **kwargs)
+    trainer.fit(model, datamodule=DigitsDataModule())
+    return trainer, model
+
+
+def test_digits_surrogate_is_faithful_and_its_top_features_matter(tmp_path):
+    dmm = DMMMEN(target_class=3, every_n_epochs=3, sweeps=300, refit_sweeps=100, progress=False)
+    trainer, model = fit(tmp_path, [dmm], epochs=3)
+    m = {k.split("/", 1)[1]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("dmmmen/")}
+    assert m["r2"] > 0.5 and m["rmsd_prob"] < 0.25 and m["occupied"] >= 1
+    # the paper's bootstrap tests: editing the surrogate's top features moves the network more than random ones
+    assert m["pcr_nullification_top"] < m["pcr_nullification_random"]
+    assert m["pcr_filling_top"] > m["pcr_filling_random"]
+    assert m["pcr_new_cases_top"] > m["pcr_new_cases_random"]
+    scalars, images = read_events(tmp_path)
+    assert images == {"dmmmen/components": 2, "dmmmen/weights": 2}  # the report at epoch 3 and the final fit
+    assert "dmmmen/final_r2" in scalars
+
+    dm = DigitsDataModule()
+    dm.setup()
+    x = dm.val_dataset.tensors[0][:5]
+    out = dmm.explain(x)
+    assert out.coefficients.shape == (5, 1, 8, 8) and out.contributions.shape == (5, 1, 8, 8)
+    restored = DMMMEN(target_class=3)
+    restored.load_state_dict(trainer.callbacks[0].state_dict())
+    again = restored.explain(x, model=model)
+    assert torch.equal(again.coefficients, out.coefficients) and torch.equal(again.component, out.component)
+
+
+def test_collecting_examples_leaves_the_training_trajectory_unchanged(tmp_path):
+    states = []
+    for callbacks in ([], [DMMMEN(every_n_epochs=1, sweeps=20, refit_sweeps=10, max_examples=50, progress=False)]):
+        _, model = fit(tmp_path / str(len(callbacks)), callbacks, epochs=1, limit_train_batches=5, limit_val_batches=2)
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"target_class": -1}, "target_class=-1"),
+    ({"sweeps": 0}, "sweeps=0"),
+    ({"time_budget": 0}, "time_budget=0"),
+])
+def test_bad_arguments_name_the_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DMMMEN(**kwargs)
