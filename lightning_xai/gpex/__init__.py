@@ -6,17 +6,21 @@ similar to a query under the matched kernel.
 """
 
 from lightning_xai.gpex.cache import InducingCache
+from lightning_xai.gpex.callback import GPEX, GPEXExplanation, SurrogateFidelity
 from lightning_xai.gpex.kernel import FeatureLinearKernel, HeadNorm, KernelMap, default_kernel_net, heads_first
 from lightning_xai.gpex.surrogate import GPEXPrediction, GPEXSurrogate, MatchOutput, fidelity
 
 __all__ = [
+    "GPEX",
     "FeatureLinearKernel",
+    "GPEXExplanation",
     "GPEXPrediction",
     "GPEXSurrogate",
     "HeadNorm",
     "InducingCache",
     "KernelMap",
     "MatchOutput",
+    "SurrogateFidelity",
     "default_kernel_net",
     "fidelity",
     "heads_first",
