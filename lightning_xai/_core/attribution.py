@@ -9,23 +9,23 @@ metric). A subclass implements :meth:`AttributionCallback.evaluate` (per-example
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning.pytorch as pl
 import torch
 
 from lightning_xai._core.batch import BatchFn
 from lightning_xai._core.callback import ExplainerCallback
 from lightning_xai._core.distributed import all_reduce_
-from lightning_xai._core.logging import log_scalars
-from lightning_xai._core.probe import ProbeSet
+from lightning_xai._core.logging import figure_to_image, log_image, log_scalars
 from lightning_xai.metrics import MeanOfNamed
+from lightning_xai.metrics.functional import deletion_auc, insertion_auc
+from lightning_xai.viz import attribution_rows, feature_bars
 
 
 class AttributionCallback(ExplainerCallback):
     """Base class of report-time attribution explainers.
 
     Args:
+        steps: steps of the deletion and insertion curves.
         input_fn: callable ``batch -> input``.
         target_fn: callable ``batch -> target`` (optional; attributions explain the predicted class).
         probe_size: validation examples drawn as images (fixed across epochs).
@@ -38,6 +38,7 @@ class AttributionCallback(ExplainerCallback):
     def __init__(
         self,
         *,
+        steps: int = 20,
         input_fn: BatchFn | None = None,
         target_fn: BatchFn | None = None,
         probe_size: int = 8,
@@ -47,10 +48,12 @@ class AttributionCallback(ExplainerCallback):
         seed: int = 0,
     ) -> None:
         super().__init__(
-            input_fn=input_fn, target_fn=target_fn, probe_size=probe_size, every_n_epochs=every_n_epochs,
-            name=name, seed=seed,
+            input_fn=input_fn, target_fn=target_fn, probe_size=probe_size, metric_size=metric_size,
+            every_n_epochs=every_n_epochs, name=name, seed=seed,
         )
-        self.examples = ProbeSet(metric_size)
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps={steps!r} must be a positive integer")
+        self.steps = steps
 
     # ------------------------------------------------------------------ subclass hooks
     def evaluate(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -60,19 +63,30 @@ class AttributionCallback(ExplainerCallback):
     def draw(self, trainer: pl.Trainer, x: torch.Tensor, y: torch.Tensor | None) -> None:
         """Log images for the probe examples ``x`` (global rank zero only)."""
 
-    # ------------------------------------------------------------------ lifecycle
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-        if dataloader_idx == 0 and not self.examples.full:
-            self.examples.offer(self.batches.input(batch), self.batches.target(batch))
+    # ------------------------------------------------------------------ shared pieces
+    def orderings(
+        self, x: torch.Tensor, target: torch.Tensor, attributions: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Deletion and insertion AUC (probability of ``target``, baseline 0) of each attribution and of a random
+        ordering drawn from the private stream: ``{deletion_auc_<name>, insertion_auc_<name>}`` per example."""
+        assert self.model is not None
+        with self.rng.active(x.device):
+            attributions = {**attributions, "random": torch.rand_like(x)}
+        scores = {}
+        for name, attribution in attributions.items():
+            scores[f"deletion_auc_{name}"] = deletion_auc(self.model, x, attribution, target, steps=self.steps)
+            scores[f"insertion_auc_{name}"] = insertion_auc(self.model, x, attribution, target, steps=self.steps)
+        return scores
+
+    def draw_maps(self, trainer: pl.Trainer, x: torch.Tensor, maps: dict[str, torch.Tensor], titles: list[str]) -> None:
+        """One image ``<prefix>/probes``: image inputs as rows (input, then each signed map), tabular inputs as bar
+        charts per feature (at most four examples)."""
+        if x.dim() == 4:
+            log_image(trainer, self.tag("probes"), attribution_rows(x.cpu(), [m.cpu() for m in maps.values()]))
+            return
+        rows = [{name: m[i].flatten().cpu() for name, m in maps.items()} for i in range(min(4, len(x)))]
+        names = getattr(trainer.datamodule, "feature_names", None) if trainer.datamodule is not None else None
+        log_image(trainer, self.tag("probes"), figure_to_image(feature_bars(rows, names, titles[: len(rows)])))
 
     def report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.examples.inputs is None:
@@ -91,8 +105,3 @@ class AttributionCallback(ExplainerCallback):
             probe_y = None if self.probe.targets is None else self.probe.targets.to(device)
             self.draw(trainer, self.probe.inputs.to(device), probe_y)
 
-    def explainer_state(self) -> dict[str, Any]:
-        return {"examples": self.examples.state_dict()}
-
-    def load_explainer_state(self, state: dict[str, Any]) -> None:
-        self.examples.load_state_dict(state["examples"])

@@ -5,7 +5,8 @@ An explainer co-trains beside the user's LightningModule without touching it:
 * ``setup`` resolves the explained model and validates the configuration (bad layer names fail here);
 * ``on_train_batch_end`` hands each training batch to :meth:`ExplainerCallback.train_batch` (cadence
   ``every_n_steps`` is the subclass's business, counted in :attr:`batches_seen`, which is the same on every rank);
-* validation batches feed a fixed :class:`~lightning_xai._core.probe.ProbeSet` and :meth:`validation_batch`;
+* validation batches feed two fixed :class:`~lightning_xai._core.probe.ProbeSet` s (the probe set drawn as images
+  and the metric set behind report-time scalars) and :meth:`validation_batch`;
 * ``on_validation_epoch_end`` (every ``every_n_epochs``, never during the sanity check) calls :meth:`report` with
   autograd re-enabled, since Lightning validates under ``torch.inference_mode``;
 * ``state_dict``/``load_state_dict`` carry the probe set, the private RNG stream and the subclass's state.
@@ -47,6 +48,8 @@ class ExplainerCallback(Callback):
         input_fn: callable ``batch -> input tensor``; the default reads ``(x, y, ...)`` tuples and common dict keys.
         target_fn: callable ``batch -> target tensor | None``.
         probe_size: number of validation examples drawn in the image panels (fixed across epochs).
+        metric_size: validation examples (per process) kept as a fixed metric set for report-time scalars; 0 for
+            explainers that score every validation batch instead.
         every_n_epochs: report (metrics and images) every this many validation epochs.
         every_n_steps: co-training cadence in training batches.
         name: tag prefix for logged scalars and images (default: the method's name, made unique per layer when the
@@ -63,6 +66,7 @@ class ExplainerCallback(Callback):
         input_fn: BatchFn | None = None,
         target_fn: BatchFn | None = None,
         probe_size: int = 8,
+        metric_size: int = 0,
         every_n_epochs: int = 1,
         every_n_steps: int = 1,
         name: str | None = None,
@@ -72,6 +76,7 @@ class ExplainerCallback(Callback):
         self.layer = layer
         self.batches = BatchUnpacker(input_fn, target_fn)
         self.probe = ProbeSet(probe_size)
+        self.examples = ProbeSet(metric_size)
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
         self.name = name
@@ -152,6 +157,7 @@ class ExplainerCallback(Callback):
             return
         x, y = self.batches.input(batch), self.batches.target(batch)
         self.probe.offer(x, y)
+        self.examples.offer(x, y)
         if self._reporting(trainer):
             self.validation_batch(trainer, x, y)
 
@@ -166,6 +172,7 @@ class ExplainerCallback(Callback):
         return {
             "batches_seen": self.batches_seen,
             "probe": self.probe.state_dict(),
+            "examples": self.examples.state_dict(),
             "rng": self.rng.state_dict(),
             **self.explainer_state(),
         }
@@ -173,5 +180,6 @@ class ExplainerCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.batches_seen = int(state_dict["batches_seen"])
         self.probe.load_state_dict(state_dict["probe"])
+        self.examples.load_state_dict(state_dict["examples"])
         self.rng.load_state_dict(state_dict["rng"])
         self.load_explainer_state(state_dict)

@@ -31,7 +31,6 @@ from lightning_xai._core.batch import BatchFn
 from lightning_xai._core.callback import ExplainerCallback
 from lightning_xai._core.logging import figure_to_image, log_image, log_scalars
 from lightning_xai._core.modules import eval_mode
-from lightning_xai._core.probe import ProbeSet
 from lightning_xai.dmmmen.bootstrap import bootstrap_tests
 from lightning_xai.dmmmen.features import FeatureSelector, class_logit
 from lightning_xai.dmmmen.model import DMMMENSurrogate
@@ -82,8 +81,8 @@ class DMMMEN(ExplainerCallback):
         name: str | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(input_fn=input_fn, target_fn=target_fn, probe_size=0, every_n_epochs=every_n_epochs,
-                         name=name, seed=seed)
+        super().__init__(input_fn=input_fn, target_fn=target_fn, probe_size=0, metric_size=metric_size,
+                         every_n_epochs=every_n_epochs, name=name, seed=seed)
         for key, value in (("n_features", n_features), ("sweeps", sweeps), ("refit_sweeps", refit_sweeps),
                            ("max_examples", max_examples), ("top_features", top_features),
                            ("metric_size", metric_size)):
@@ -99,7 +98,6 @@ class DMMMEN(ExplainerCallback):
         self.progress = progress
         self.surrogate = DMMMENSurrogate(n_components, n_nets, seed=seed)
         self.selector: FeatureSelector | None = None
-        self.examples = ProbeSet(metric_size)
         self._pool: torch.Tensor | None = None  # reservoir of training inputs (CPU)
         self._labels: torch.Tensor | None = None
         self._seen = 0
@@ -125,11 +123,6 @@ class DMMMEN(ExplainerCallback):
         self._pool = x.clone() if self._pool is None else torch.cat([self._pool, x])
         if y is not None:
             self._labels = y.clone() if self._labels is None else torch.cat([self._labels, y])
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-        if dataloader_idx == 0 and not self.examples.full:
-            self.examples.offer(self.batches.input(batch), self.batches.target(batch))
 
     # ------------------------------------------------------------------ fitting
     def _class_inputs(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,10 +277,9 @@ class DMMMEN(ExplainerCallback):
 
     def explainer_state(self) -> dict[str, Any]:
         state = self._fit_state()
-        state.update(examples=self.examples.state_dict(), pool=self._pool, labels=self._labels, seen=self._seen)
+        state.update(pool=self._pool, labels=self._labels, seen=self._seen)
         return state
 
     def load_explainer_state(self, state: dict[str, Any]) -> None:
         self._load_fit(state)
-        self.examples.load_state_dict(state["examples"])
         self._pool, self._labels, self._seen = state["pool"], state["labels"], int(state["seen"])

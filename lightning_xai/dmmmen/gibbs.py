@@ -20,7 +20,8 @@ Order of the steps in a sweep:
    with the scale variables ``u`` integrated out (the elastic-net density is normalised in closed form), so:
 4. ``u | β, σ²`` is drawn next (inverse Gaussian), then ``β | u, σ²`` by one batched Cholesky, then ``σ²`` by an
    independence Metropolis–Hastings step whose gamma proposal matches the full conditional at its mode. Empty
-   components instead redraw ``(σ², u, β, b)`` from the prior.
+   components instead redraw ``(σ², β, b)`` from the prior (``β`` from the elastic net directly, ``u`` integrated
+   out: nothing would use it).
 
 Drawing ``c`` and ``λ`` with ``u`` integrated out and redrawing ``u`` right after is a valid partially collapsed Gibbs
 step and mixes better than conditioning on ``u`` (the authors' R code conditions on it, and leaves out the λ priors).
@@ -29,174 +30,14 @@ step and mixes better than conditioning on ``u`` (the authors' R code conditions
 from __future__ import annotations
 
 import math
-import time
-from collections import defaultdict
-from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
 
 from lightning_xai.dmmmen import sampling as S
+from lightning_xai.dmmmen.state import ChainState, Design, Priors, Timer, update_statistics
 
 ADAPT_TARGET = 0.35  # acceptance the penalty random walks are tuned towards during burn-in
-
-
-@dataclass
-class Priors:
-    """Hyper-parameters: gamma priors are ``(shape, rate)``; ``sigma`` is the inverse-gamma ``(shape, scale)``.
-
-    ``lambda1``/``lambda2`` given as a single float are fixed at that value instead of sampled.
-    """
-
-    alpha: tuple[float, float]
-    sigma: tuple[float, float]
-    lambda1: tuple[float, float] | float
-    lambda2: tuple[float, float] | float
-
-
-@dataclass
-class Design:
-    """The data as the sampler uses it: centred inputs with a trailing column of ones (if ``intercept``)."""
-
-    x: Tensor  # (n, q)
-    y: Tensor  # (n,)
-    xy: Tensor  # (n, q) rows x_i·y_i
-    y2: Tensor  # (n,)
-    gram: Tensor  # (q, q) full XᵀX
-    p: int  # penalised coordinates: the first p columns
-    intercept: bool
-    v0: float  # prior variance of the intercept
-
-
-@dataclass
-class ChainState:
-    """Every quantity of the Markov chain, plus the sufficient statistics derived from ``z``."""
-
-    z: Tensor  # (n,) long
-    counts: Tensor  # (J,) float
-    gram: Tensor  # (J, q, q)
-    xty: Tensor  # (J, q)
-    yty: Tensor  # (J,)
-    log_pi: Tensor  # (J,)
-    log1m_mu: Tensor  # (J - 1,)
-    alpha: Tensor  # ()
-    c: Tensor  # (J,) long
-    log_w: Tensor  # (K,)
-    lam1: Tensor  # (K,)
-    lam2: Tensor  # (K,)
-    log_step: Tensor  # (2, K) log random-walk step sizes of log λ1, log λ2
-    beta: Tensor  # (J, q) current draw
-    beta_mean: Tensor  # (J, q) conditional mean of the last β draw (Rao–Blackwellised averages)
-    u: Tensor  # (J, p)
-    sigma2: Tensor  # (J,)
-    sweep: int = 0
-    accepted: Tensor | None = None  # (3,) σ², λ1, λ2 acceptances in the current fit call
-    tried: Tensor | None = None  # (3,)
-
-    def tensors(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
-
-
-@dataclass
-class Timer:
-    """Wall time per step of the sweep, if enabled (synchronising CUDA so the split is meaningful)."""
-
-    enabled: bool = False
-    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-
-    @contextmanager
-    def __call__(self, name: str, device: torch.device):
-        if not self.enabled:
-            yield
-            return
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        yield
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        self.seconds[name] += time.perf_counter() - start
-
-
-def make_design(x: Tensor, y: Tensor, x_mean: Tensor, y_mean: Tensor, intercept: bool, v0: float) -> Design:
-    """Centre the data by the given means and append the intercept column."""
-    xc = x - x_mean
-    if intercept:
-        xc = torch.cat([xc, torch.ones_like(xc[:, :1])], dim=1)
-    yc = y - y_mean
-    return Design(xc, yc, xc * yc[:, None], yc * yc, xc.T @ xc, x.shape[1], intercept, v0)
-
-
-# ----------------------------------------------------------------------------------------------- sufficient statistics
-def recompute_statistics(state: ChainState, design: Design, z: Tensor) -> None:
-    """Set ``z`` and recompute every per-component Gram matrix from scratch (largest one by subtraction)."""
-    j = state.gram.shape[0]
-    sizes = torch.bincount(z, minlength=j)
-    order = torch.argsort(z, stable=True)
-    xs = design.x[order]
-    sizes_list = sizes.tolist()
-    largest = max(range(j), key=sizes_list.__getitem__)
-    start = 0
-    for k, size in enumerate(sizes_list):
-        if k != largest:
-            torch.mm(xs[start : start + size].T, xs[start : start + size], out=state.gram[k])
-        start += size
-    _gram_by_subtraction(state, design, largest)
-    state.xty.zero_().index_add_(0, z, design.xy)
-    state.yty.zero_().index_add_(0, z, design.y2)
-    _finish_statistics(state, z, sizes, sizes_list)
-
-
-def update_statistics(state: ChainState, design: Design, z: Tensor) -> None:
-    """Move the rows whose component changed between ``state.z`` and ``z`` in the Gram matrices, or recompute."""
-    j = state.gram.shape[0]
-    changed = (z != state.z).nonzero().squeeze(1)
-    m = changed.numel()
-    if m == 0:
-        return
-    old, new = state.z[changed], z[changed]
-    touched = torch.bincount(old, minlength=j) + torch.bincount(new, minlength=j)
-    sizes = torch.bincount(z, minlength=j)
-    touched_list, sizes_list = touched.tolist(), sizes.tolist()
-    skip = max(range(j), key=touched_list.__getitem__)
-    if 2 * m - touched_list[skip] > z.numel() - max(sizes_list):
-        recompute_statistics(state, design, z)
-        return
-    labels = torch.cat([new, old])
-    order = torch.argsort(labels, stable=True)
-    labels = labels[order]
-    rows = torch.cat([changed, changed])[order]
-    sign = torch.ones(2 * m, dtype=design.x.dtype, device=design.x.device)
-    sign[m:] = -1
-    sign = sign[order]
-    xs = design.x[rows]
-    signed = xs * sign[:, None]
-    start = 0
-    for k, size in enumerate(touched_list):
-        if k != skip and size:
-            state.gram[k].addmm_(xs[start : start + size].T, signed[start : start + size])
-        start += size
-    _gram_by_subtraction(state, design, skip)
-    state.xty.index_add_(0, labels, design.xy[rows] * sign[:, None])
-    state.yty.index_add_(0, labels, design.y2[rows] * sign)
-    _finish_statistics(state, z, sizes, sizes_list)
-
-
-def _gram_by_subtraction(state: ChainState, design: Design, k: int) -> None:
-    """``X_kᵀX_k = XᵀX − Σ_{j≠k} X_jᵀX_j``."""
-    others = state.gram.sum(0).sub_(state.gram[k])
-    torch.sub(design.gram, others, out=state.gram[k])
-
-
-def _finish_statistics(state: ChainState, z: Tensor, sizes: Tensor, sizes_list: list[int]) -> None:
-    state.z = z
-    state.counts = sizes.to(state.sigma2.dtype)
-    for k, size in enumerate(sizes_list):
-        if size == 0:  # exact zeros, so the rounding of past updates cannot linger
-            state.gram[k].zero_()
-            state.xty[k].zero_()
-            state.yty[k].zero_()
 
 
 # -------------------------------------------------------------------------------------------------------------- steps
@@ -274,23 +115,48 @@ def sample_nets_and_penalties(
 
 
 def sample_parameters(
-    state: ChainState, design: Design, priors: Priors, gen: torch.Generator, occupied: list[int], empty: list[int]
+    state: ChainState,
+    design: Design,
+    priors: Priors,
+    gen: torch.Generator,
+    occupied: list[int],
+    empty: list[int],
+    timer: Timer | None = None,
 ) -> None:
     """Occupied components: ``u``, then ``β`` (batched Cholesky), then ``σ²`` (MH). Empty ones: a prior draw."""
+    timer = timer or Timer()
+    device = state.z.device
     if occupied:
-        _sample_occupied(state, design, priors, gen, torch.tensor(occupied, device=state.z.device))
+        idx = torch.tensor(occupied, device=device)
+        lam1, lam2 = state.lam1[state.c[idx]], state.lam2[state.c[idx]]
+        sigma2 = state.sigma2[idx]
+        with timer("scales", device):
+            u = _draw_scales(state.beta[idx, : design.p], sigma2, lam1, lam2, gen)
+        with timer("coefficients", device):
+            quadratic, added, mean, beta = _draw_coefficients(state, design, idx, u, sigma2, lam2, gen)
+        with timer("variances", device):
+            new_sigma2 = _draw_variances(state, design, priors, idx, u, sigma2, lam1, lam2, quadratic, added, beta, gen)
+        state.u[idx], state.beta[idx], state.beta_mean[idx], state.sigma2[idx] = u, beta, mean, new_sigma2
     if empty:
-        _sample_empty(state, design, priors, gen, torch.tensor(empty, device=state.z.device))
+        with timer("empty", device):
+            _sample_empty(state, design, priors, gen, torch.tensor(empty, device=device))
 
 
-def _sample_occupied(state: ChainState, design: Design, priors: Priors, gen: torch.Generator, idx: Tensor) -> None:
+def _draw_scales(beta: Tensor, sigma2: Tensor, lam1: Tensor, lam2: Tensor, gen: torch.Generator) -> Tensor:
+    """``u = 1/(τ − 1) ~ IG(λ1/(2λ2|β|), λ1²/(4λ2σ²))`` per coefficient (Li & Lin's Gibbs step)."""
+    inv_mean = (2 * lam2 / lam1)[:, None] * beta.abs()
+    return S.inverse_gaussian(inv_mean, (lam1 * lam1 / (4 * lam2 * sigma2))[:, None], gen).clamp_(S.U_MIN, S.U_MAX)
+
+
+def _draw_coefficients(
+    state: ChainState, design: Design, idx: Tensor, u: Tensor, sigma2: Tensor, lam2: Tensor, gen: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``β ~ N(A⁻¹Xᵀy, σ²A⁻¹)`` with ``A = XᵀX + diag(λ2(1 + u), σ²/v₀)``, batched over the components ``idx``.
+
+    Returns ``βᵀAβ`` (``= ‖Lᵀβ‖²``, the right-hand side of the last solve, for free), the diagonal added to
+    ``X_jᵀX_j``, the conditional mean and the draw.
+    """
     p, q = design.p, design.x.shape[1]
-    lam1, lam2 = state.lam1[state.c[idx]], state.lam2[state.c[idx]]
-    sigma2 = state.sigma2[idx]
-    # scale variables: 1/(τ − 1) ~ IG(λ1/(2λ2|β|), λ1²/(4λ2σ²))
-    inv_mean = (2 * lam2 / lam1)[:, None] * state.beta[idx, :p].abs()
-    u = S.inverse_gaussian(inv_mean, (lam1 * lam1 / (4 * lam2 * sigma2))[:, None], gen).clamp_(S.U_MIN, S.U_MAX)
-    # coefficients: N(A⁻¹Xᵀy, σ²A⁻¹), A = XᵀX + diag(λ2(1 + u), σ²/v₀)
     added = torch.empty_like(state.beta[idx])
     added[:, :p] = lam2[:, None] * (1 + u)
     if design.intercept:
@@ -306,12 +172,31 @@ def _sample_occupied(state: ChainState, design: Design, priors: Priors, gen: tor
     # mean = L⁻ᵀL⁻¹·Xᵀy and the draw mean + σ·L⁻ᵀε from one forward and one two-column backward solve
     half = torch.linalg.solve_triangular(chol, state.xty[idx][..., None], upper=False)
     noise = S.normal((idx.numel(), q, 1), sigma2, gen).mul_(sigma2.sqrt()[:, None, None])
-    both = torch.linalg.solve_triangular(chol.mT, torch.cat([half, half + noise], dim=2), upper=True)
-    mean, beta = both[..., 0], both[..., 1]
-    # variance: independence MH in η = log(1/σ²) with a gamma proposal matched to the full conditional
-    gram_beta = (precision @ beta[..., None]).squeeze(-1) - added * beta  # X_jᵀX_j·β
-    rss = state.yty[idx] - 2 * (beta * state.xty[idx]).sum(1) + (beta * gram_beta).sum(1)
-    ridge = (added[:, :p] * beta[:, :p].square()).sum(1)  # λ2·Σ(1 + u)β²
+    rhs = torch.cat([half, half + noise], dim=2)
+    both = torch.linalg.solve_triangular(chol.mT, rhs, upper=True)
+    return rhs[..., 1].square().sum(1), added, both[..., 0], both[..., 1]
+
+
+def _draw_variances(
+    state: ChainState,
+    design: Design,
+    priors: Priors,
+    idx: Tensor,
+    u: Tensor,
+    sigma2: Tensor,
+    lam1: Tensor,
+    lam2: Tensor,
+    quadratic: Tensor,
+    added: Tensor,
+    beta: Tensor,
+    gen: torch.Generator,
+) -> Tensor:
+    """Independence MH for ``σ²`` in ``η = log(1/σ²)``, gamma proposal matched to the full conditional."""
+    p = design.p
+    added_beta2 = added * beta.square()
+    ridge = added_beta2[:, :p].sum(1)  # λ2·Σ(1 + u)β²
+    # RSS = yᵀy − 2βᵀXᵀy + βᵀXᵀXβ, with βᵀXᵀXβ = βᵀAβ − Σ added·β²
+    rss = state.yty[idx] - 2 * (beta * state.xty[idx]).sum(1) + quadratic - added_beta2.sum(1)
     c = lam1 * lam1 / (8 * lam2)
     shape = state.counts[idx].mul(0.5).add_(priors.sigma[0] + p)
     scale = (rss.clamp_min(0) + ridge).mul_(0.5).add_(c * u.reciprocal().sum(1)).add_(priors.sigma[1])
@@ -319,29 +204,27 @@ def _sample_occupied(state: ChainState, design: Design, priors: Priors, gen: tor
     eta = torch.stack([S.log_gamma(prop_shape, gen) - prop_rate.log(), -sigma2.log()])  # proposed, current
     excess = S.log_sigma_target(eta, shape, scale, c, p) - (prop_shape * eta - prop_rate * eta.exp())
     accept = S.uniform(shape.shape, shape, gen).log_() < excess[0] - excess[1]
-    eta_new = eta[0]
-    state.u[idx] = u
-    state.beta[idx] = beta
-    state.beta_mean[idx] = mean
-    state.sigma2[idx] = torch.where(accept, (-eta_new).exp(), sigma2)
     state.accepted[0] += accept.sum()
     state.tried[0] += accept.numel()
+    return torch.where(accept, (-eta[0]).exp(), sigma2)
 
 
 def _sample_empty(state: ChainState, design: Design, priors: Priors, gen: torch.Generator, idx: Tensor) -> None:
-    p, q = design.p, design.x.shape[1]
+    """Prior draws ``σ² ~ InvGamma(a, b)``, ``β ~ EN(σ², λ_c)``, intercept ``~ N(0, v₀)``.
+
+    The scale variables are not drawn: nothing uses an empty component's (the net, penalty and assignment steps see
+    ``β`` and ``σ²`` only, and a component that fills up draws its ``u`` from ``β`` first), so they are set to 1.
+    """
+    p = design.p
     lam1, lam2 = state.lam1[state.c[idx]], state.lam2[state.c[idx]]
     shape = torch.full((idx.numel(),), priors.sigma[0], dtype=state.sigma2.dtype, device=state.sigma2.device)
-    sigma2 = (math.log(priors.sigma[1]) - S.log_gamma(shape, gen)).exp()
-    sigma2 = sigma2.clamp(1e-200, 1e200)
-    rate = (lam1 * lam1 / (8 * lam2 * sigma2))[:, None].expand(-1, p).contiguous()
-    u = S.scale_prior(rate, gen)
-    noise = S.normal((idx.numel(), q), sigma2, gen)
-    beta = torch.empty_like(noise)
-    beta[:, :p] = noise[:, :p] * torch.sqrt(sigma2[:, None] / (lam2[:, None] * (1 + u)))
+    sigma2 = (math.log(priors.sigma[1]) - S.log_gamma(shape, gen)).exp_().clamp_(1e-200, 1e200)
+    beta = torch.empty_like(state.beta[idx])
+    beta[:, :p] = S.elastic_net_prior(sigma2, lam1, lam2, p, gen)
     if design.intercept:
-        beta[:, p] = noise[:, p] * design.v0**0.5
-    state.sigma2[idx], state.u[idx], state.beta[idx], state.beta_mean[idx] = sigma2, u, beta, beta
+        beta[:, p] = S.normal((idx.numel(),), sigma2, gen).mul_(design.v0**0.5)
+    state.sigma2[idx], state.beta[idx], state.beta_mean[idx] = sigma2, beta, beta
+    state.u[idx] = 1.0
 
 
 def sweep(
@@ -363,9 +246,10 @@ def sweep(
         sample_sticks(state, priors, gen)
     with timer("nets+penalties", device):
         sample_nets_and_penalties(state, design, priors, gen, adapt_gain)
-    with timer("parameters", device):
-        sizes = state.counts.tolist()
-        occupied = [k for k, n in enumerate(sizes) if n > 0]
-        empty = [k for k, n in enumerate(sizes) if n == 0]
-        sample_parameters(state, design, priors, gen, occupied, empty)
+    sizes = state.counts.tolist()
+    occupied = [k for k, n in enumerate(sizes) if n > 0]
+    empty = [k for k, n in enumerate(sizes) if n == 0]
+    sample_parameters(state, design, priors, gen, occupied, empty, timer)
+    if not bool(torch.isfinite(state.beta).all() & torch.isfinite(state.sigma2).all()):
+        raise FloatingPointError(f"DMM-MEN sweep {state.sweep}: non-finite coefficients or variances")
     state.sweep += 1

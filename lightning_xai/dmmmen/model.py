@@ -28,55 +28,17 @@ import hashlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from lightning_xai.dmmmen import gibbs
-from lightning_xai.dmmmen import sampling as S
+from lightning_xai.dmmmen.outputs import Components, Explanation, mixture_interval, mixture_quantile
 from lightning_xai.dmmmen.relabel import OnlineMeans
+from lightning_xai.dmmmen.state import ChainState, Design, Priors, Timer, make_design, recompute_statistics
 
 FORMAT_VERSION = 1
 INTERCEPT_PRIOR_SCALE = 100.0  # intercept prior variance v₀ = this × Var(y)
-
-
-@dataclass
-class Components:
-    """Posterior-mean summary of the mixture, heaviest component first.
-
-    Attributes:
-        weights: mixture weights π (J,).
-        coefficients: β per component (J, p), in the input's units.
-        intercepts: b per component (J,).
-        sigma2: noise variance σ² per component (J,).
-        occupied: components that held data in at least half of the kept sweeps (J,); the others are prior draws,
-            left out of predictions and explanations.
-        sizes: mean number of data points per component (J,).
-        occupancy: fraction of kept sweeps in which the component held data (J,).
-        lambda1: mean L1 penalty of the net each component used (J,).
-        lambda2: mean L2 penalty of the net each component used (J,).
-    """
-
-    weights: Tensor
-    coefficients: Tensor
-    intercepts: Tensor
-    sigma2: Tensor
-    occupied: Tensor
-    sizes: Tensor
-    occupancy: Tensor
-    lambda1: Tensor
-    lambda2: Tensor
-
-
-@dataclass
-class Explanation:
-    """Local explanations: each input's component, its coefficients and the signed contributions ``x ⊙ β``."""
-
-    component: Tensor  # (n,)
-    coefficients: Tensor  # (n, p)
-    contributions: Tensor  # (n, p)
-    intercept: Tensor  # (n,)
 
 
 class DMMMENSurrogate:
@@ -118,7 +80,7 @@ class DMMMENSurrogate:
     ) -> None:
         self.n_components = _positive_int("n_components", n_components)
         self.n_nets = _positive_int("n_nets", n_nets)
-        self.priors = gibbs.Priors(
+        self.priors = Priors(
             alpha=_gamma_prior("alpha_prior", alpha_prior),
             sigma=_gamma_prior("sigma_prior", sigma_prior),
             lambda1=_gamma_prior("lambda1_prior", lambda1_prior, fixable=True),
@@ -133,7 +95,7 @@ class DMMMENSurrogate:
         self.device = torch.device(device if device is not None else "cpu")
         self.dtype = dtype
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
-        self._state: gibbs.ChainState | None = None
+        self._state: ChainState | None = None
         self._means: OnlineMeans | None = None
         self._centre: dict | None = None  # x_mean, y_mean, v0, p, fingerprint
         self._components: Components | None = None
@@ -186,24 +148,24 @@ class DMMMENSurrogate:
         fingerprint = _fingerprint(x, y)
         continuing = bool(warm_start) and self._state is not None
         if continuing and x.shape[1] != self._centre["p"]:
-            raise ValueError(f"warm_start needs the same number of features as before ({self._centre['p']}), "
-                             f"got x with {x.shape[1]}")
+            expected = self._centre["p"]
+            raise ValueError(f"warm_start needs the same number of features as before ({expected}), got {x.shape[1]}")
         if not continuing:
             self._generator.manual_seed(self.seed)
             self._centre = self._centring(x, y)
         design = self._design(x, y)
         if not continuing:
             self._state = self._initial_state(design)
-        elif fingerprint != self._centre["fingerprint"]:
-            gibbs.recompute_statistics(self._state, design, gibbs.sample_assignments(self._state, design,
-                                                                                     self._generator))
+        elif fingerprint != self._centre["fingerprint"]:  # new data: assignments from the current parameters
+            z = gibbs.sample_assignments(self._state, design, self._generator)
+            recompute_statistics(self._state, design, z)
         self._centre["fingerprint"] = fingerprint
         state = self._state
         state.accepted.zero_()
         state.tried.zero_()
         self._means = OnlineMeans(self.n_components, design.x.shape[1], design.x)
         self._components = None
-        timer = gibbs.Timer(enabled=profile)
+        timer = Timer(enabled=profile)
         bar = _progress_bar(sweeps) if progress is True else None
         done, self.stopped_early = 0, False
         try:
@@ -233,7 +195,7 @@ class DMMMENSurrogate:
         self.timings = dict(timer.seconds)
         return self
 
-    def _accumulate(self, state: gibbs.ChainState) -> None:
+    def _accumulate(self, state: ChainState) -> None:
         values = {
             "coef": state.beta_mean,
             "sigma2": state.sigma2,
@@ -261,11 +223,11 @@ class DMMMENSurrogate:
         v0 = INTERCEPT_PRIOR_SCALE * max(float(y.var()), 1e-12)
         return {"x_mean": x_mean, "y_mean": y_mean, "v0": v0, "p": x.shape[1], "fingerprint": None}
 
-    def _design(self, x: Tensor, y: Tensor) -> gibbs.Design:
+    def _design(self, x: Tensor, y: Tensor) -> Design:
         c = self._centre
-        return gibbs.make_design(x, y, c["x_mean"], c["y_mean"], self.fit_intercept, c["v0"])
+        return make_design(x, y, c["x_mean"], c["y_mean"], self.fit_intercept, c["v0"])
 
-    def _initial_state(self, design: gibbs.Design) -> gibbs.ChainState:
+    def _initial_state(self, design: Design) -> ChainState:
         """Random assignments, prior-mean hyper-parameters, then one parameter draw given the assignments."""
         j, k, gen = self.n_components, self.n_nets, self._generator
         n, q, p = design.x.shape[0], design.x.shape[1], design.p
@@ -277,7 +239,7 @@ class DMMMENSurrogate:
             value = prior[0] / prior[1] if isinstance(prior, tuple) else prior
             return torch.full((k,), value, **like)
 
-        state = gibbs.ChainState(
+        state = ChainState(
             z=torch.full_like(z, -1),
             counts=torch.zeros(j, **like),
             gram=torch.zeros(j, q, q, **like),
@@ -298,11 +260,10 @@ class DMMMENSurrogate:
             accepted=torch.zeros(3, **like),
             tried=torch.zeros(3, **like),
         )
-        gibbs.recompute_statistics(state, design, z)
+        recompute_statistics(state, design, z)
         sizes = state.counts.tolist()
-        gibbs.sample_parameters(
-            state, design, self.priors, gen, [i for i, s in enumerate(sizes) if s], [i for i, s in enumerate(sizes) if not s]
-        )
+        occupied = [i for i, size in enumerate(sizes) if size]
+        gibbs.sample_parameters(state, design, self.priors, gen, occupied, [i for i in range(j) if i not in occupied])
         return state
 
     # -------------------------------------------------------------------------------------------------- summaries
@@ -431,21 +392,11 @@ class DMMMENSurrogate:
         x = self._inputs(x)
         means, weights, comp = self._mixture(x)
         sd = torch.where(comp.occupied, comp.sigma2, torch.ones_like(comp.sigma2)).sqrt()
-        probs = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=self.dtype, device=self.device)
+        probs = ((1 - level) / 2, (1 + level) / 2)
         if draws is None:
-            return _mixture_quantile(means, sd, weights, probs[0]), _mixture_quantile(means, sd, weights, probs[1])
+            return mixture_quantile(means, sd, weights, probs[0]), mixture_quantile(means, sd, weights, probs[1])
         gen = torch.Generator(device=self.device).manual_seed(self.seed)
-        cumulative = weights.cumsum(0)
-        lows, highs = [], []
-        for start in range(0, x.shape[0], chunk):
-            m = means[start : start + chunk]
-            u = S.uniform((m.shape[0], draws), m, gen) * cumulative[-1]
-            pick = torch.searchsorted(cumulative, u).clamp_max_(weights.numel() - 1)
-            values = m.gather(1, pick) + sd[pick] * S.normal(pick.shape, m, gen)
-            low, high = torch.quantile(values, probs, dim=1)
-            lows.append(low)
-            highs.append(high)
-        return torch.cat(lows), torch.cat(highs)
+        return mixture_interval(means, sd, weights, probs, draws, gen, chunk)
 
     # -------------------------------------------------------------------------------------------------- checkpoint
     def _config(self) -> dict:
@@ -490,7 +441,7 @@ class DMMMENSurrogate:
         on = dict(device=self.device)
         chain = {k: (v.to(**on, dtype=self.dtype) if v.is_floating_point() else v.to(**on))
                  for k, v in state["chain"].items()}
-        self._state = gibbs.ChainState(**chain, sweep=int(state["sweep"]))
+        self._state = ChainState(**chain, sweep=int(state["sweep"]))
         self._generator.set_state(state["generator"])
         self._centre = {k: (v.to(**on, dtype=self.dtype) if isinstance(v, Tensor) else v)
                         for k, v in state["centre"].items()}
@@ -538,18 +489,3 @@ def _progress_bar(total: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="DMM-MEN sweeps", leave=False)
-
-
-def _mixture_quantile(means: Tensor, sd: Tensor, weights: Tensor, prob: Tensor, iters: int = 80) -> Tensor:
-    """Quantile ``prob`` of ``Σ_j w_j·N(means[:, j], sd_j²)`` per row, by bisection on the mixture CDF."""
-    live = weights > 0
-    lo = (means - 12 * sd).masked_fill(~live, math.inf).amin(1)
-    hi = (means + 12 * sd).masked_fill(~live, -math.inf).amax(1)
-    safe_sd = torch.where(live, sd, torch.ones_like(sd))
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        cdf = (weights * torch.special.ndtr((mid[:, None] - means) / safe_sd)).sum(1)
-        below = cdf < prob
-        lo = torch.where(below, mid, lo)
-        hi = torch.where(below, hi, mid)
-    return (lo + hi) / 2

@@ -7,8 +7,8 @@ the generator as an argument. The less common distributions are written from the
   because the stick-breaking and Dirichlet draws with shapes like 1/3 underflow to 0 in linear space.
 * :func:`inverse_gaussian`: Michael, Schucany & Haas (1976), with the smaller root written as ``1/(1/m + …)`` so it
   neither cancels for large means nor breaks when the mean is infinite (the Lévy limit, a coefficient at exactly 0).
-* :func:`scale_prior`: Li & Lin's (2010) truncated-gamma scale variable ``τ ~ Gamma(1/2, rate)`` on ``(1, ∞)``,
-  returned as ``u = 1/(τ − 1)``, by rejection from whichever of two envelopes accepts more often at that rate.
+* :func:`elastic_net_prior`: coefficients straight from the elastic-net prior (a truncated normal in ``|β|``), for
+  empty components, whose scale variables are never needed (the sampler integrates them out where it could use them).
 * :func:`log_elastic_net`: the normalised Bayesian elastic-net log density of a coefficient vector; its normaliser
   ``√(2πσ²/λ₂)·erfcx(√(λ₁²/(8λ₂σ²)))`` per coordinate is summed in logs (``erfcx`` keeps it finite).
 """
@@ -82,34 +82,38 @@ def inverse_gaussian(inv_mean: Tensor, shape: Tensor, generator: torch.Generator
     return torch.where(keep, root, (inv_mean * inv_mean * root).reciprocal_())
 
 
-def scale_prior(rate: Tensor, generator: torch.Generator, candidates: int = 4, max_rounds: int = 100) -> Tensor:
-    """``u = 1/(τ − 1)`` for ``τ ~ Gamma(1/2, rate)`` truncated to ``(1, ∞)``, elementwise, clamped to [U_MIN, U_MAX].
+def elastic_net_prior(sigma2: Tensor, lam1: Tensor, lam2: Tensor, p: int, generator: torch.Generator) -> Tensor:
+    """``p`` coefficients from the Bayesian elastic-net prior ``∝ exp{−(λ₁|β| + λ₂β²)/(2σ²)}`` per row (m, p).
 
-    ``E = τ − 1`` has density ``∝ (1 + E)^(−1/2)·exp(−rate·E)``. For ``rate ≥ 1/4`` propose ``E ~ Exp(rate)`` and keep
-    it with probability ``(1 + E)^(−1/2)``; below, propose ``τ = ν²/(2·rate)`` (the untruncated gamma) and keep it if
-    ``τ > 1``. Each envelope accepts about half the proposals or more in its range; ``candidates`` proposals per
-    element and round keep the number of rounds (and of small tensor operations) low.
+    ``|β|`` is a normal ``N(−λ₁/(2λ₂), σ²/λ₂)`` truncated to ``(0, ∞)``: ``|β| = s·(W − a)`` with ``s = σ/√λ₂``,
+    ``a = λ₁/(2σ√λ₂)`` and ``W`` a standard normal truncated to ``(a, ∞)``, drawn by inverse CDF
+    (``W = −Φ⁻¹(U·Φ(−a))``) while ``Φ(−a)`` is representable, and beyond ``a = 30`` by rejection from
+    ``a + Exp(a)`` (accepted with probability ``exp(−(W − a)²/2)``, > 99.9% there). The sign is a fair coin.
     """
-    flat_rate = rate.reshape(-1)
-    out = torch.empty_like(flat_rate)
-    todo = torch.arange(flat_rate.numel(), device=rate.device)
-    for _ in range(max_rounds):
-        r = flat_rate[todo].expand(candidates, -1)
-        by_exp = r >= 0.25
-        excess_exp = -uniform(r.shape, r, generator).log_() / r
-        excess_gamma = normal(r.shape, r, generator).square_() / (2 * r) - 1
-        v = uniform(r.shape, r, generator)
-        ok = torch.where(by_exp, v * v * (1 + excess_exp) <= 1, excess_gamma > 0)
-        excess = torch.where(by_exp, excess_exp, excess_gamma)
-        first = ok.to(torch.int8).argmax(0)  # the first accepted candidate (0 if none)
+    s = (sigma2 / lam2).sqrt()[:, None]
+    a = (lam1 / (2 * (sigma2 * lam2).sqrt()))[:, None].expand(-1, p)
+    u = uniform(a.shape, a, generator)
+    tail = torch.special.erfc(a * (0.5**0.5)).mul_(0.5)  # Φ(−a), accurate where torch's ndtr(−a) rounds to 0
+    excess = torch.special.ndtri(u * tail).neg_().sub_(a).clamp_min_(0)
+    far = a > 30
+    if bool(far.any()):
+        excess[far] = _far_tail_excess(a[far], generator)
+    sign = torch.where(uniform(a.shape, a, generator) < 0.5, -1.0, 1.0).to(a.dtype)
+    return s * excess * sign
+
+
+def _far_tail_excess(a: Tensor, generator: torch.Generator, candidates: int = 4) -> Tensor:
+    """``W − a`` for ``W ~ N(0, 1)`` truncated to ``(a, ∞)``, ``a ≥ 30``: rejection from ``Exp(a)``."""
+    out = torch.empty_like(a)
+    todo = torch.arange(a.numel(), device=a.device)
+    while todo.numel():
+        rate = a[todo].expand(candidates, -1)
+        t = uniform(rate.shape, rate, generator).log_().neg_() / rate
+        ok = uniform(rate.shape, rate, generator).log_() <= -0.5 * t * t
         done = ok.any(0)
-        out[todo[done]] = 1 / excess.gather(0, first[None]).squeeze(0)[done]
+        out[todo[done]] = t.gather(0, ok.to(torch.int8).argmax(0)[None]).squeeze(0)[done]
         todo = todo[~done]
-        if todo.numel() == 0:
-            break
-    else:  # practically unreachable: fall back to the scale of the proposal
-        out[todo] = flat_rate[todo]
-    return out.clamp_(U_MIN, U_MAX).reshape(rate.shape)
+    return out
 
 
 def log_erfcx_sqrt(x: Tensor) -> Tensor:

@@ -19,11 +19,8 @@ import torch
 
 from lightning_xai._core.attribution import AttributionCallback
 from lightning_xai._core.batch import BatchFn
-from lightning_xai._core.logging import figure_to_image, log_image
 from lightning_xai.insens.core import LOSER_POLICIES, InsensMap, insens, require_relu_network
 from lightning_xai.linearization.core import linearize
-from lightning_xai.metrics.functional import deletion_auc, insertion_auc
-from lightning_xai.viz import attribution_rows, feature_bars
 
 METHODS = ("auto", "exact", "hutchinson")
 
@@ -64,7 +61,7 @@ class Insens(AttributionCallback):
         seed: int = 0,
     ) -> None:
         super().__init__(
-            input_fn=input_fn, target_fn=target_fn, probe_size=probe_size, metric_size=metric_size,
+            steps=steps, input_fn=input_fn, target_fn=target_fn, probe_size=probe_size, metric_size=metric_size,
             every_n_epochs=every_n_epochs, name=name, seed=seed,
         )
         if method not in METHODS:
@@ -73,7 +70,7 @@ class Insens(AttributionCallback):
             raise ValueError(f"maxpool_losers={maxpool_losers!r} is not one of {LOSER_POLICIES}")
         if not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples={samples!r} must be a positive integer")
-        self.norms, self.samples, self.maxpool_losers, self.steps = method, samples, maxpool_losers, steps
+        self.norms, self.samples, self.maxpool_losers = method, samples, maxpool_losers
 
     def configure(self, trainer: pl.Trainer | None, model: torch.nn.Module) -> None:
         require_relu_network(model)  # fail at setup, not at the first report
@@ -101,21 +98,11 @@ class Insens(AttributionCallback):
         }
         for layer, fraction in result.active_fraction.items():
             scores[f"active_fraction_{layer}"] = fraction
-        with self.rng.active(x.device):
-            random = torch.rand_like(x)
-        for order, attribution in (("insens", result.map.abs()), ("gradient", grad.abs()), ("random", random)):
-            scores[f"deletion_auc_{order}"] = deletion_auc(self.model, x, attribution, pred, steps=self.steps)
-            scores[f"insertion_auc_{order}"] = insertion_auc(self.model, x, attribution, pred, steps=self.steps)
+        scores.update(self.orderings(x, pred, {"insens": result.map.abs(), "gradient": grad.abs()}))
         return scores, {}
 
     def draw(self, trainer: pl.Trainer, x: torch.Tensor, y: torch.Tensor | None) -> None:
         result = self.explain(x)
         grad, pred = self._gradient(x)
-        if x.dim() == 4:
-            log_image(trainer, self.tag("probes"), attribution_rows(x.cpu(), [result.map.cpu(), grad.cpu()]))
-            return
-        rows = [{"Insens": result.map[i].flatten().cpu(), "gradient": grad[i].flatten().cpu()}
-                for i in range(min(4, len(x)))]
-        titles = [f"probe {i}: predicted {int(pred[i])}" for i in range(len(rows))]
-        names = getattr(trainer.datamodule, "feature_names", None) if trainer.datamodule is not None else None
-        log_image(trainer, self.tag("probes"), figure_to_image(feature_bars(rows, names, titles)))
+        maps = {"Insens": result.map, "gradient": grad}
+        self.draw_maps(trainer, x, maps, [f"probe {i}: predicted {int(c)}" for i, c in enumerate(pred)])

@@ -27,12 +27,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_xai._core.attribution import AttributionCallback
 from lightning_xai._core.batch import BatchFn
-from lightning_xai._core.logging import figure_to_image, log_image
 from lightning_xai.insens.core import insens
 from lightning_xai.insens.neurons import neuron_layers
 from lightning_xai.linearization.core import MODES, Linearized, linearize
-from lightning_xai.metrics.functional import deletion_auc, insertion_auc
-from lightning_xai.viz import attribution_rows, feature_bars
 
 
 def _pick(lin: Linearized, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,14 +70,12 @@ class Linearization(AttributionCallback):
         seed: int = 0,
     ) -> None:
         super().__init__(
-            input_fn=input_fn, target_fn=target_fn, probe_size=probe_size, metric_size=metric_size,
+            steps=steps, input_fn=input_fn, target_fn=target_fn, probe_size=probe_size, metric_size=metric_size,
             every_n_epochs=every_n_epochs, name=name, seed=seed,
         )
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {MODES}")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps={steps!r} must be a positive integer")
-        self.mode, self.steps = mode, steps
+        self.mode = mode
         self._announced = False
 
     def explain(self, x: torch.Tensor, classes: torch.Tensor | None = None) -> Linearized:
@@ -103,11 +98,7 @@ class Linearization(AttributionCallback):
             "gated": torch.full_like(b, float(lin.mode == "gated-linear")),
             "bias_share": b.abs() / (explained.abs() + b.abs()).clamp_min(1e-12),
         }
-        with self.rng.active(x.device):
-            random = torch.rand_like(x)
-        for order, attribution in (("wx", wx), ("gradient", w), ("random", random)):
-            scores[f"deletion_auc_{order}"] = deletion_auc(self.model, x, attribution, pred, steps=self.steps)
-            scores[f"insertion_auc_{order}"] = insertion_auc(self.model, x, attribution, pred, steps=self.steps)
+        scores.update(self.orderings(x, pred, {"wx": wx, "gradient": w}))
         if lin.mode == "exact" and neuron_layers(self.model):
             method = "exact" if x[0].numel() <= 1024 else "hutchinson"
             with self.rng.active(x.device):
@@ -122,11 +113,5 @@ class Linearization(AttributionCallback):
         top2 = lin.output.topk(min(2, lin.output.shape[1]), dim=-1).indices
         w_pred, _ = _pick(lin, top2[:, 0])
         w_next, _ = _pick(lin, top2[:, -1])
-        maps = [w_pred, w_pred * x, w_pred - w_next]
-        if x.dim() == 4:
-            log_image(trainer, self.tag("probes"), attribution_rows(x.cpu(), [m.cpu() for m in maps]))
-            return
-        rows = [{"W": w_pred[i].flatten().cpu(), "W⊙x": (w_pred * x)[i].flatten().cpu()} for i in range(min(4, len(x)))]
-        titles = [f"probe {i}: predicted {int(top2[i, 0])}" for i in range(len(rows))]
-        names = getattr(trainer.datamodule, "feature_names", None) if trainer.datamodule is not None else None
-        log_image(trainer, self.tag("probes"), figure_to_image(feature_bars(rows, names, titles)))
+        maps = {"W": w_pred, "W⊙x": w_pred * x, "W − W(runner-up)": w_pred - w_next}
+        self.draw_maps(trainer, x, maps, [f"probe {i}: predicted {int(c)}" for i, c in enumerate(top2[:, 0])])
