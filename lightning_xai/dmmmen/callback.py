@@ -43,6 +43,8 @@ class DMMMEN(ExplainerCallback):
     Args:
         target_class: the class explained.
         n_features: input features kept (highest variance; all of them when the input has fewer).
+        feature_indices: flat input indices to keep instead (e.g. pixels chosen by the user); overrides
+            ``n_features``.
         n_components: truncation level J of the mixture.
         n_nets: number K of elastic-net priors.
         sweeps: Gibbs sweeps of the first fit; refits run ``refit_sweeps``.
@@ -66,6 +68,7 @@ class DMMMEN(ExplainerCallback):
         target_class: int = 0,
         *,
         n_features: int = 300,
+        feature_indices: list[int] | None = None,
         n_components: int = 6,
         n_nets: int = 3,
         sweeps: int = 1000,
@@ -96,12 +99,21 @@ class DMMMEN(ExplainerCallback):
         self.n_features, self.sweeps, self.refit_sweeps = n_features, sweeps, refit_sweeps
         self.time_budget, self.max_examples, self.top_features = time_budget, max_examples, top_features
         self.progress = progress
-        self.surrogate = DMMMENSurrogate(n_components, n_nets, seed=seed)
-        self.selector: FeatureSelector | None = None
+        self._surrogate_args = (n_components, n_nets, seed)
+        self._surrogate: DMMMENSurrogate | None = None  # built on first use: a torch.Generator cannot cross ddp_spawn
+        self.selector = None if feature_indices is None else FeatureSelector(indices=list(feature_indices))
         self._pool: torch.Tensor | None = None  # reservoir of training inputs (CPU)
         self._labels: torch.Tensor | None = None
         self._seen = 0
         self.fits = 0
+
+    @property
+    def surrogate(self) -> DMMMENSurrogate:
+        """The DMM-MEN model (created on first use, in the process that trains)."""
+        if self._surrogate is None:
+            n_components, n_nets, seed = self._surrogate_args
+            self._surrogate = DMMMENSurrogate(n_components, n_nets, seed=seed)
+        return self._surrogate
 
     # ------------------------------------------------------------------ collecting
     def train_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
@@ -156,7 +168,9 @@ class DMMMEN(ExplainerCallback):
             x_class, _ = self._class_inputs(pool.to(device), labels)
             if x_class.shape[0] >= 2:
                 if self.selector is None:
-                    self.selector = FeatureSelector(min(self.n_features, x_class[0].numel())).fit(x_class.cpu())
+                    self.selector = FeatureSelector(min(self.n_features, x_class[0].numel()))
+                if self.selector.input_shape is None:
+                    self.selector.fit(x_class.cpu())
                 features = self.selector.transform(x_class.cpu()).double()
                 target = class_logit(self._logits(x_class), self.target_class).double().cpu()
                 sweeps = self.sweeps if self.fits == 0 else self.refit_sweeps

@@ -60,3 +60,38 @@ def test_collecting_examples_leaves_the_training_trajectory_unchanged(tmp_path):
 def test_bad_arguments_name_the_value(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DMMMEN(**kwargs)
+
+
+def test_user_given_features_are_the_only_ones_explained(tmp_path):
+    corner = [0, 1, 8, 9]
+    dmm = DMMMEN(target_class=0, feature_indices=corner + [27, 28, 35, 36], every_n_epochs=1, sweeps=50,
+                 refit_sweeps=20, progress=False)
+    fit(tmp_path, [dmm], epochs=1, limit_train_batches=5)
+    dm = DigitsDataModule()
+    dm.setup()
+    maps = dmm.explain(dm.val_dataset.tensors[0][:3]).coefficients.flatten(1)
+    kept = torch.zeros(64, dtype=torch.bool)
+    kept[corner + [27, 28, 35, 36]] = True
+    assert (maps[:, ~kept] == 0).all()
+
+
+class AssertSameSurrogate(L.Callback):
+    def __init__(self, dmm):
+        self.dmm = dmm
+
+    def on_train_end(self, trainer, pl_module):
+        beta = self.dmm.surrogate.components.coefficients.float().flatten()
+        gathered = pl_module.all_gather(beta)
+        assert torch.equal(gathered[0], gathered[1]), "ranks disagree on the DMM-MEN fit"
+
+
+@pytest.mark.slow
+def test_ddp_gathers_the_reservoirs_and_shares_one_fit(tmp_path):
+    dmm = DMMMEN(target_class=1, every_n_epochs=1, sweeps=60, refit_sweeps=20, progress=False)
+    L.seed_everything(0)
+    trainer = quiet_trainer(tmp_path, strategy="ddp_spawn", devices=2, max_epochs=1, limit_train_batches=6,
+                            callbacks=[dmm, AssertSameSurrogate(dmm)],
+                            logger=TensorBoardLogger(tmp_path, name="", version=""))
+    trainer.fit(SmallCNN(), datamodule=DigitsDataModule())
+    _, images = read_events(tmp_path)
+    assert images == {"dmmmen/components": 2, "dmmmen/weights": 2}  # epoch report + final fit, rank zero only

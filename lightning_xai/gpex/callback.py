@@ -1,0 +1,703 @@
+"""The GPEX callback: co-train a Gaussian-process surrogate of the network while the network trains.
+
+GPEX (Akbarnejad, Bigras & Ray, arXiv:2112.09820) explains a network g with L scalar outputs by L Gaussian processes
+whose kernels ``k_ℓ(x, x') = f_ℓ(x)ᵀ f_ℓ(x')`` come from a separate kernel-mapping network f, with every training
+example an inducing point whose target is g's own output there. f is trained so that the GP posterior means match
+g; an explanation of a prediction is then the set of training examples most similar to the query under the matched
+kernel of the predicted class (:mod:`lightning_xai.gpex.surrogate` has the algebra).
+
+The paper fits f to a frozen, converged network. This callback co-trains it beside the user's training: after each
+of the user's optimizer steps (every ``every_n_steps``-th batch) it
+
+1. computes the explained module's outputs on the batch (a truncated eval-mode forward without gradients, so the
+   network's parameters, gradients, BatchNorm statistics and random stream are never touched),
+2. mixes the batch (``α·x + (1 − α)·x[perm] + 0.1·ε``, α ~ U[−1, 2], from a private generator) and computes the
+   module's outputs on the mixture (the matching targets),
+3. takes one Adam step on f with the uncertainty-weighted matching loss, gradients flowing through the mixed queries
+   and the batch's own inducing rows,
+4. writes the batch's rows (features, current outputs, inputs) into the inducing cache.
+
+Because g changes while it trains, the cache's targets V are refreshed together with the features U (the paper keeps
+V fixed). Slots are positions in the epoch's training stream (reset each epoch; the stream covers the training set
+once per epoch), or dataset indices when ``index_fn`` supplies them. Before each validation the whole cache is
+re-embedded with the current f and g from the stored inputs (``refit_each_epoch``), so the reported fidelity is that
+of a surrogate conditioned on the current network's outputs at every training example.
+
+At each report it logs ``gpex/agreement`` (argmax of GP mean = argmax of the network), ``gpex/pearson`` (mean over
+heads of the per-head correlation between GP mean and network output), ``gpex/pearson_min`` (worst head),
+``gpex/r2`` (mean over heads of 1 − SSE/SST), ``gpex/variance`` (mean posterior variance) and ``gpex/match_loss``
+(mean training loss since the last report), and one image ``gpex/neighbours``: a row per probe example, the example
+then its ``neighbours`` most similar training examples under the kernel of the head the network predicts, each
+with its similarity score (the paper's explanation figure).
+
+Multi-process (DDP) training is refused at setup for now: each rank would see only its shard of the training set,
+so the cache would be split; a sharded cache is planned.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+from torch.torch_version import TorchVersion
+from torchmetrics import Metric
+
+from lightning_xai._core import ExplainerCallback, LayerTap, PrivateRNG, eval_mode, owned_step
+from lightning_xai._core.batch import BatchFn
+from lightning_xai._core.logging import figure_to_image, log_image, log_scalars
+from lightning_xai.gpex.kernel import default_kernel_net
+from lightning_xai.gpex.surrogate import GPEXSurrogate
+from lightning_xai.metrics import MeanOfNamed
+from lightning_xai.viz import new_figure, stack_rows, tile_row, to_rgb
+
+__all__ = ["GPEX", "GPEXExplanation", "SurrogateFidelity"]
+
+IndexFn = Callable[[Any], Any]
+_REFIT_BATCH = 256
+_MANY_HEADS = 256
+
+
+def _fast_adam(device: torch.device) -> dict[str, bool]:
+    """Adam's fastest implementation for the device: fused kernels where supported."""
+    fused_ok = device.type == "cuda" or (device.type == "cpu" and TorchVersion(torch.__version__) >= "2.4")
+    return {"fused": True} if fused_ok else {}
+
+
+def _finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: rows that are finite in every tensor (all share the leading batch dimension)."""
+    ok = torch.ones(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
+    for t in tensors:
+        ok &= torch.isfinite(t.reshape(t.shape[0], -1)).all(1).to(ok.device)
+    return ok
+
+
+@dataclass
+class GPEXExplanation:
+    """What :meth:`GPEX.explain` returns for a batch ``x`` of B inputs, with L output heads.
+
+    Attributes:
+        mean: (B, L) GP posterior means (float64); the surrogate's prediction of the network's outputs.
+        variance: (B, L) GP posterior variances (float64).
+        neighbours: (B, k) slots of the inducing cache holding the most similar training examples, best first
+            (−1 where fewer than k slots are filled). With ``index_fn`` these are dataset indices; otherwise they are
+            positions in the training stream of the last epoch, and :meth:`GPEX.inducing_inputs` returns the
+            examples themselves.
+        scores: (B, k) their raw kernel similarities ``f_h(x)ᵀ f_h(x̃)`` (float64) on head ``h = head``.
+        head: (B,) the head the neighbours were ranked on: the argmax of the network's output (the paper's choice).
+        output: (B, L) the explained module's output on ``x`` (float32), flattened to one scalar per head.
+    """
+
+    mean: torch.Tensor
+    variance: torch.Tensor
+    neighbours: torch.Tensor
+    scores: torch.Tensor
+    head: torch.Tensor
+    output: torch.Tensor
+
+
+class SurrogateFidelity(Metric):
+    """How well a surrogate's means follow a network's outputs, from sums that add up across batches and ranks.
+
+    Per head it keeps ``n, Σp, Σt, Σp², Σt², Σpt`` and the squared error ``Σ(p − t)²`` (p: surrogate mean, t:
+    network output), plus argmax agreements and the summed posterior variance, all float64 with ``sum`` reduction,
+    so under DDP the synchronised states are exactly those of one process that saw every batch.
+
+    Args:
+        heads: Number of output heads L.
+
+    ``compute()`` returns ``agreement`` (fraction of examples whose argmax agrees), ``pearson`` (mean over heads of
+    the per-head correlation), ``pearson_min`` (worst head), ``r2`` (mean over heads of ``1 − SSE/SST``) and
+    ``variance`` (mean posterior variance over examples and heads). Heads whose network output is constant are left
+    out of ``pearson`` and ``r2`` (their correlation is undefined).
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = True
+
+    def __init__(self, heads: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.heads = int(heads)
+        for name in ("n", "agree", "var_sum"):
+            self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        for name in ("sum_p", "sum_t", "sum_pp", "sum_tt", "sum_pt", "sse"):
+            self.add_state(name, torch.zeros(self.heads, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, mean: torch.Tensor, target: torch.Tensor, variance: torch.Tensor | None = None) -> None:
+        """Add a batch: ``mean`` and ``target`` (B, L), ``variance`` (B, L) or None."""
+        p, t = mean.detach().to(torch.float64), target.detach().to(self.sum_p.device, torch.float64)
+        p = p.to(self.sum_p.device)
+        if p.shape != t.shape or p.dim() != 2 or p.shape[1] != self.heads:
+            shapes = f"{tuple(p.shape)} and {tuple(t.shape)}"
+            raise ValueError(f"expected mean and target of shape (B, {self.heads}), got {shapes}")
+        self.n += p.shape[0]
+        self.agree += (p.argmax(-1) == t.argmax(-1)).sum()
+        if variance is not None:
+            self.var_sum += variance.detach().to(self.var_sum.device, torch.float64).mean(-1).sum()
+        self.sum_p += p.sum(0)
+        self.sum_t += t.sum(0)
+        self.sum_pp += (p * p).sum(0)
+        self.sum_tt += (t * t).sum(0)
+        self.sum_pt += (p * t).sum(0)
+        self.sse += ((p - t) ** 2).sum(0)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        n = self.n.clamp_min(1)
+        cov = self.sum_pt - self.sum_p * self.sum_t / n
+        var_p = (self.sum_pp - self.sum_p**2 / n).clamp_min(0)
+        sst = (self.sum_tt - self.sum_t**2 / n).clamp_min(0)
+        valid = sst > 1e-12 * self.sum_tt.clamp_min(1e-300)
+        rho = cov / (var_p * sst).sqrt().clamp_min(1e-300)
+        r2 = 1 - self.sse / sst.clamp_min(1e-300)
+        nan = torch.tensor(float("nan"), dtype=torch.float64, device=n.device)
+        return {
+            "agreement": self.agree / n,
+            "pearson": rho[valid].mean() if bool(valid.any()) else nan,
+            "pearson_min": rho[valid].min() if bool(valid.any()) else nan,
+            "r2": r2[valid].mean() if bool(valid.any()) else nan,
+            "variance": self.var_sum / n,
+        }
+
+
+class GPEX(ExplainerCallback):
+    """Co-train a GPEX surrogate (one finite-rank GP per output head) of any LightningModule, or of one submodule.
+
+    Args:
+        layer: ``None`` explains the whole model (its input → its output, e.g. logits); a dotted name explains that
+            submodule (its input → its output), which must take one tensor and return one tensor. Outputs are
+            flattened: every scalar is a head with its own GP.
+        kernel_net: the kernel-mapping network f, mapping ``(B, *input_shape)`` to ``(B, L, D)``. ``None`` builds
+            :func:`~lightning_xai.gpex.kernel.default_kernel_net` (a small CNN for images, an MLP otherwise) from the
+            shapes seen on the first training batch, with its initial weights drawn from the private stream.
+        dim: features per head D (the paper's 20).
+        scale: norm of each head's features in the default kernel net.
+        noise: GP likelihood noise σ². ``None`` means ``scale²`` (``σ²/scale² = 1``). Only that ratio moves the
+            posterior mean; it acts as a ridge strength against the eigenvalues of ``UᵀU``, which grow with the
+            number of training examples M. The paper's setting is ``scale=0.1, noise=1.0, lr=1e-4`` (ratio 100, fine at
+            M ≈ 50k); at M ≈ 1.4k (digits) it shrinks most directions to ~1% and misses the acceptance bar
+            (agreement .96–.99, Pearson ≈ .93 measured), while ratio 1 reaches ≈ .99/.99 and shrinks even less as M
+            grows (research notes, gpex.md §7).
+        lr: Adam learning rate of the kernel net (1e-3 pairs with ratio 1; the paper uses 1e-4).
+        every_n_steps: one matching step (kernel-net update) on every this-many-th training batch. The batches in
+            between still refresh their cache rows with one forward of f and of the explained module each, so the
+            cache always holds the current epoch's stream.
+        refit_each_epoch: re-embed the whole cache (features and targets, from the stored inputs, f and the network in
+            eval mode) before each validation, or at the end of a training epoch without validation.
+        neighbours: neighbours per probe example in the ``gpex/neighbours`` panel.
+        probe_size: validation examples drawn in the panel, the same every epoch.
+        every_n_epochs: report every this many validation epochs.
+        input_fn: callable ``batch -> input``; default handles ``(x, y, ...)`` and dict batches.
+        target_fn: callable ``batch -> target`` (only shown in panel titles).
+        index_fn: callable ``batch -> dataset indices`` (B,) of the examples; then slots are dataset indices, else
+            positions in each epoch's training stream.
+        name: tag prefix (default ``gpex``; ``gpex-<layer>`` when several GPEX callbacks are attached).
+        seed: seed of the private streams (kernel-net initialisation, mixing, dropout in the kernel net).
+
+    Memory: the cache keeps, per training example, L·D feature values, L targets and the example's input (for the
+    refit and the panels), on the device the training runs on; all of it is in the checkpoint.
+
+    Example::
+
+        trainer = L.Trainer(max_epochs=10, callbacks=[GPEX()])
+        trainer.fit(model, datamodule)
+        e = trainer.callbacks[0].explain(x)      # e.mean ≈ model(x); e.neighbours: most similar training examples
+    """
+
+    method = "gpex"
+
+    def __init__(
+        self,
+        layer: str | None = None,
+        kernel_net: nn.Module | None = None,
+        dim: int = 20,
+        scale: float = 1.0,
+        noise: float | None = None,
+        lr: float = 1e-3,
+        every_n_steps: int = 1,
+        refit_each_epoch: bool = True,
+        neighbours: int = 8,
+        probe_size: int = 4,
+        every_n_epochs: int = 1,
+        input_fn: BatchFn | None = None,
+        target_fn: BatchFn | None = None,
+        index_fn: IndexFn | None = None,
+        name: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            layer=layer,
+            input_fn=input_fn,
+            target_fn=target_fn,
+            probe_size=probe_size,
+            every_n_epochs=every_n_epochs,
+            every_n_steps=every_n_steps,
+            name=name,
+            seed=seed,
+        )
+        if layer is not None and not isinstance(layer, str):
+            raise ValueError(f"layer={layer!r} must be a dotted module name (str) or None")
+        if kernel_net is not None and not isinstance(kernel_net, nn.Module):
+            raise ValueError(f"kernel_net={type(kernel_net).__name__} must be an nn.Module or None")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim={dim!r} must be a positive integer")
+        if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 1:
+            raise ValueError(f"neighbours={neighbours!r} must be a positive integer")
+        for arg, value in (("scale", scale), ("lr", lr)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{arg}={value!r} must be a positive number")
+        if noise is not None and (
+            isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise <= 0
+        ):
+            raise ValueError(f"noise={noise!r} must be a positive number or None (None: scale**2)")
+        if not isinstance(refit_each_epoch, bool):
+            raise ValueError(f"refit_each_epoch={refit_each_epoch!r} must be True or False")
+        if index_fn is not None and not callable(index_fn):
+            raise ValueError(f"index_fn={index_fn!r} must be a callable batch -> dataset indices, or None")
+        self.kernel_net = kernel_net
+        self.dim, self.scale = dim, float(scale)
+        self.noise = None if noise is None else float(noise)
+        self.lr = float(lr)
+        self.refit_each_epoch = refit_each_epoch
+        self.neighbours = neighbours
+        self.index_fn = index_fn
+        self.surrogate: GPEXSurrogate | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._shapes: dict[str, Any] | None = None
+        self._restored: dict[str, Any] | None = None
+        self._in_tap: LayerTap | None = None
+        self._out_tap: LayerTap | None = None
+        self._module: nn.Module | None = None
+        self._fidelity: SurrogateFidelity | None = None
+        self._losses: MeanOfNamed | None = None
+        self.steps = 0  # matching steps taken (kernel-net updates attempted)
+        self.skipped_steps = 0
+        self.refits = 0
+        self._position = 0  # position of the next example in this epoch's training stream
+        self._position_epoch = -1
+        self._dirty = False  # the cache changed since the last refit
+
+    # ------------------------------------------------------------------ set-up
+    def configure(self, trainer: pl.Trainer | None, model: nn.Module) -> None:
+        if trainer is not None and trainer.world_size > 1:
+            raise ValueError(
+                f"GPEX does not support multi-process training yet (trainer.world_size={trainer.world_size}): each "
+                "process would cache only its shard of the training set (a sharded cache is planned). Train with "
+                "devices=1, or explain the trained model afterwards on one device with "
+                "lightning_xai.fit_explainers(model, datamodule, [GPEX()], epochs=...)."
+            )
+        self.release()
+        name = self.layer or ""
+        self._out_tap = LayerTap(model, name, "output")  # resolves the name: a misspelt layer fails here
+        self._in_tap = LayerTap(model, name, "input") if name else None
+        self._module = self._out_tap.module
+        if self._shapes is not None and self._shapes["layer"] != name:
+            raise ValueError(
+                f"the checkpoint's GPEX state explains layer {self._shapes['layer'] or None!r}, but this callback is "
+                f"configured for layer={self.layer!r}"
+            )
+        if self._losses is None:
+            self._losses = MeanOfNamed([self.tag("match_loss")])
+        what = "the whole model" if not name else f"{type(self._module).__name__} {name!r}"
+        rank_zero_info(f"GPEX: explaining {what}, its input -> its output (one GP per output scalar).")
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # a new fit starts a new stream (a checkpoint, restored after setup, brings back its mid-epoch position)
+        self._position, self._position_epoch = 0, -1
+
+    def release(self) -> None:
+        for tap in (self._in_tap, self._out_tap):
+            if tap is not None:
+                tap.detach()
+
+    def attach(self, model: nn.Module) -> GPEX:
+        """Point the callback at ``model`` without a Trainer (e.g. after loading a checkpoint's callback state)."""
+        self.model = model
+        self.configure(None, model)
+        return self
+
+    def _build(self, device: torch.device) -> GPEXSurrogate:
+        """Build the surrogate and its optimiser from :attr:`_shapes`, then restore any loaded state."""
+        s = self._shapes
+        assert s is not None
+        # a rebuild for restored weights must not advance the private stream (see ClaDec._build)
+        init = self.rng.active(device) if self._restored is None else PrivateRNG(self.rng.seed).active(device)
+        with init:
+            if self.kernel_net is not None:
+                net = self.kernel_net
+            else:
+                net = default_kernel_net(s["input_shape"], s["heads"], dim=s["dim"], scale=s["scale"])
+        if s.get("noise") is None:
+            s["noise"] = self.noise if self.noise is not None else float(getattr(net, "scale", s["scale"])) ** 2
+        dim = int(getattr(net, "dim", s["dim"]))
+        surrogate = GPEXSurrogate(
+            net, heads=s["heads"], dim=dim, noise=s["noise"], store_inputs=True, seed=self.rng.seed
+        )
+        self.surrogate = surrogate.to(device).train()
+        params = [p for p in net.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("kernel_net has no trainable parameters")
+        self._optimizer = torch.optim.Adam(params, lr=self.lr, **_fast_adam(device))
+        if self._restored is not None:
+            state, self._restored = self._restored, None
+            self.surrogate.load_state_dict(state["surrogate"])
+            self._optimizer.load_state_dict(state["optimizer"])
+        return self.surrogate
+
+    def _ensure_built(self, gp_in: torch.Tensor, output: torch.Tensor) -> GPEXSurrogate:
+        if self.surrogate is not None:
+            return self.surrogate
+        if self._shapes is None:
+            if not gp_in.is_floating_point():
+                raise ValueError(
+                    f"GPEX needs floating-point inputs to the explained module (mixing interpolates them), got "
+                    f"{gp_in.dtype}; choose layer= a submodule that takes float features (e.g. after an embedding)"
+                )
+            heads = int(output.shape[1])
+            if heads > _MANY_HEADS:
+                rank_zero_warn(
+                    f"GPEX: the explained output has {heads} scalars, one GP (and {self.dim} kernel features) each; "
+                    "consider a layer with fewer outputs."
+                )
+            self._shapes = {
+                "layer": self.layer or "",
+                "input_shape": [int(s) for s in gp_in.shape[1:]],
+                "heads": heads,
+                "dim": self.dim,
+                "scale": self.scale,
+                "noise": None,
+            }
+        return self._build(gp_in.device)
+
+    # ------------------------------------------------------------------ the explained module
+    def _io(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The explained module's input and flattened float output ``(B, L)`` on ``x`` (truncated eval forward)."""
+        assert self.model is not None and self._out_tap is not None
+        with torch.no_grad(), eval_mode(self.model):
+            if self._in_tap is None:
+                out = self._out_tap.truncated(self.model, x)
+                gp_in = x
+            else:
+                with self._in_tap.recording():
+                    out = self._out_tap.truncated(self.model, x)
+                gp_in = self._in_tap.value
+                if gp_in is None:
+                    raise RuntimeError(f"GPEX: {self._in_tap.describe()} received no tensor input")
+        return gp_in.detach(), out.detach().reshape(out.shape[0], -1).float()
+
+    def _g(self, z: torch.Tensor) -> torch.Tensor:
+        """The explained module's flattened output on its own inputs ``z`` (eval mode, no gradient)."""
+        assert self.model is not None and self._out_tap is not None and self._module is not None
+        with torch.no_grad(), eval_mode(self.model):
+            out = self._out_tap.truncated(self._module, z)
+        return out.detach().reshape(out.shape[0], -1).float()
+
+    # ------------------------------------------------------------------ co-training
+    def _due(self, batch_number: int) -> bool:
+        return batch_number % self.every_n_steps == 0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch != self._position_epoch:  # a mid-epoch resume keeps its restored position
+            self._position, self._position_epoch = 0, trainer.current_epoch
+
+    def _slots(self, batch: Any, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cache slots of a batch: its dataset indices (``index_fn``), else its positions in the epoch's stream."""
+        start = self._position
+        self._position += size
+        if self.index_fn is None:
+            return torch.arange(start, start + size, device=device), None
+        index = torch.as_tensor(self.index_fn(batch)).reshape(-1).to(device=device, dtype=torch.long)
+        if index.numel() != size or (size and int(index.min()) < 0):
+            raise ValueError(f"index_fn must return {size} non-negative dataset indices, got {tuple(index.shape)}")
+        return index, index
+
+    def train_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        x = self.batches.input(batch).detach()
+        slots, index = self._slots(batch, x.shape[0], x.device)
+        self.fit_step(x, slots, index, match=self._due(self.batches_seen))
+
+    def fit_step(
+        self, x: torch.Tensor, slots: torch.Tensor, index: torch.Tensor | None = None, match: bool = True
+    ) -> torch.Tensor | None:
+        """Co-train on one batch of model inputs ``x`` stored at cache ``slots``; returns the matching loss.
+
+        ``match=False`` only refreshes the batch's cache rows. Usable without a Trainer after :meth:`attach`.
+        """
+        with torch.autocast(x.device.type, enabled=False):
+            gp_in, v = self._io(x)
+            surrogate = self._ensure_built(gp_in, v)
+            slots = slots.to(surrogate.cache.U.device)
+            ok = _finite_rows(gp_in, v)
+            if not bool(ok.all()):
+                self._skip("its inputs or the explained module's outputs")
+                if not bool(ok.any()):
+                    return None
+                x, gp_in, v, slots = x[ok], gp_in[ok], v[ok], slots[ok]
+                index = None if index is None else index[ok]
+            self._dirty = True
+            if not match:
+                with eval_mode(surrogate):
+                    u = surrogate.features(gp_in.float())
+                surrogate.update_rows(slots, u, v, inputs=x, index=index)
+                return None
+            self.steps += 1
+            first = _first_occurrences(slots)  # the gradient-carrying rows must be distinct slots
+            if first is not None:
+                x, gp_in, v, slots = x[first], gp_in[first], v[first], slots[first]
+                index = None if index is None else index[first]
+            with self.rng.active(x.device):  # dropout in a user's kernel net draws from the private stream
+                mixed = surrogate.mix(gp_in.float())
+                targets = self._g(mixed.to(gp_in.dtype))
+                out = surrogate.match(mixed, targets, slots, gp_in.float(), v)
+                params = [p for group in self._optimizer.param_groups for p in group["params"]]
+                if not owned_step(out.loss, params, self._optimizer):
+                    self._skip("its gradients")
+            loss = out.loss.detach()
+            if torch.isfinite(loss):
+                self._losses.to(loss.device).update({self.tag("match_loss"): loss}, weight=x.shape[0])
+            surrogate.update_rows(slots, out.inducing_features, v, inputs=x, index=index)
+        return loss
+
+    def _skip(self, what: str) -> None:
+        self.skipped_steps += 1
+        if self.skipped_steps == 1:
+            rank_zero_warn(f"GPEX: skipped (part of) a step because {what} held NaN/Inf (counted in skipped_steps).")
+
+    @torch.no_grad()
+    def refit(self) -> None:
+        """Re-embed every cached example with the current f and network (both in eval mode), then refresh G and c."""
+        surrogate = self.surrogate
+        if surrogate is None:
+            return
+        cache = surrogate.cache
+        with torch.inference_mode(False), torch.autocast(cache.U.device.type, enabled=False), eval_mode(surrogate):
+            for chunk in cache.filled.nonzero().squeeze(1).split(_REFIT_BATCH):
+                x = cache.inputs[chunk]
+                gp_in, v = self._io(x)
+                u = surrogate.features(gp_in.float())
+                ok = _finite_rows(u, v)  # a row that turned non-finite keeps its previous values
+                surrogate.update_rows(chunk[ok], u[ok], v[ok])
+            surrogate.refresh()
+        self.refits += 1
+        self._dirty = False
+
+    def _maybe_refit(self, trainer: pl.Trainer) -> None:
+        if self.refit_each_epoch and self._dirty and not trainer.sanity_checking and self.surrogate is not None:
+            self.refit()
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # before the metrics: Lightning runs on_validation_epoch_end before on_train_epoch_end
+        self._maybe_refit(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._maybe_refit(trainer)  # epochs without validation (a refit already done leaves nothing to do)
+
+    # ------------------------------------------------------------------ validation and reports
+    def validation_batch(self, trainer: pl.Trainer, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        if self.surrogate is None and self._restored is None:
+            return
+        e = self._explain(x, k=None)
+        if self._fidelity is None:
+            with torch.inference_mode(False):
+                self._fidelity = SurrogateFidelity(e.output.shape[1])
+        self._fidelity.to(x.device).update(e.mean, e.output, e.variance)
+
+    def reset_metrics(self) -> None:
+        # outside inference mode: reset states are updated in place by training steps (match_loss)
+        with torch.inference_mode(False):
+            for metric in (self._fidelity, self._losses):
+                if metric is not None:
+                    metric.reset()
+
+    def report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        values: dict[str, torch.Tensor] = {}
+        if self._fidelity is not None and self._fidelity.update_count > 0:
+            values.update({self.tag(k): v for k, v in self._fidelity.compute().items()})
+        if self._losses is not None and self._losses.update_count > 0:
+            values.update(self._losses.compute())
+        log_scalars(pl_module, values)
+        if trainer.is_global_zero and len(self.probe) and self.surrogate is not None:
+            self.draw_neighbours(trainer)
+
+    def draw_neighbours(self, trainer: pl.Trainer) -> None:
+        """Log the ``neighbours`` panel of the probe examples (rank zero)."""
+        assert self.probe.inputs is not None and self.surrogate is not None
+        x = self.probe.inputs.to(self.surrogate.cache.U.device)
+        e = self.explain(x, k=self.neighbours)
+        labels = self.probe.targets
+        figure = neighbour_figure(
+            x.cpu(),
+            self.inducing_inputs(e.neighbours).cpu(),
+            e.neighbours.cpu(),
+            e.scores.cpu(),
+            e.head.cpu(),
+            e.mean.argmax(-1).cpu(),
+            None if labels is None else labels.cpu(),
+        )
+        log_image(trainer, self.tag("neighbours"), figure_to_image(figure))
+
+    # ------------------------------------------------------------------ explanations
+    def inducing_inputs(self, slots: torch.Tensor) -> torch.Tensor:
+        """The stored training inputs at cache ``slots`` (any shape; slot −1 gives zeros)."""
+        if self.surrogate is None:
+            raise RuntimeError("GPEX has no cache yet: fit it or call explain() after loading a checkpoint")
+        cache = self.surrogate.cache
+        slots = slots.to(cache.inputs.device)
+        out = cache.inputs[slots.clamp_min(0)].clone()
+        out[slots < 0] = 0
+        return out
+
+    def explain(self, x: torch.Tensor, k: int = 10, model: nn.Module | None = None) -> GPEXExplanation:
+        """GP prediction and nearest training examples for a batch of model inputs ``x``.
+
+        Args:
+            x: (B, ...) inputs of the whole model (also when a submodule is explained), on the model's device.
+            k: number of neighbours.
+            model: the network, when the callback has not been attached to one yet (after a checkpoint load).
+
+        Returns:
+            a :class:`GPEXExplanation`; neighbours are ranked by raw similarity under the kernel of the head the
+            network predicts.
+        """
+        if model is not None and model is not self.model:
+            self.attach(model)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k={k!r} must be a positive integer")
+        return self._explain(x, k)
+
+    def _explain(self, x: torch.Tensor, k: int | None) -> GPEXExplanation:
+        if self.model is None or self._out_tap is None:
+            raise RuntimeError("GPEX.explain needs a model: pass model=... or use the callback in trainer.fit first")
+        if self.surrogate is None and self._shapes is None:
+            raise RuntimeError("GPEX has not been trained yet: fit it (trainer.fit) or load a checkpoint's state")
+        with torch.inference_mode(False), torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            x = x.clone() if x.is_inference() else x
+            gp_in, output = self._io(x)
+            surrogate = self._ensure_built(gp_in, output)
+            with eval_mode(surrogate):
+                u = surrogate.features(gp_in.float())
+                prediction = surrogate.posterior(u)
+                head = output.argmax(-1)
+                if k is None:
+                    slots = scores = torch.empty(x.shape[0], 0)
+                else:
+                    slots, scores = surrogate.neighbours(features=u, k=k, head=head)
+        return GPEXExplanation(prediction.mean, prediction.variance, slots, scores, head, output)
+
+    # ------------------------------------------------------------------ checkpoints
+    def explainer_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "shapes": None if self._shapes is None else dict(self._shapes),
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "refits": self.refits,
+            "position": self._position,
+            "position_epoch": self._position_epoch,
+            "dirty": self._dirty,
+        }
+        if self.surrogate is not None:
+            state["surrogate"] = self.surrogate.state_dict()
+            state["optimizer"] = self._optimizer.state_dict()
+        elif self._restored is not None:  # loaded but not rebuilt yet: pass the state through unchanged
+            state.update(self._restored)
+        return state
+
+    def load_explainer_state(self, state: dict[str, Any]) -> None:
+        self._shapes = None if state["shapes"] is None else dict(state["shapes"])
+        self.steps, self.skipped_steps = int(state["steps"]), int(state["skipped_steps"])
+        self.refits = int(state["refits"])
+        self._position, self._position_epoch = int(state["position"]), int(state["position_epoch"])
+        self._dirty = bool(state["dirty"])
+        self.surrogate, self._optimizer = None, None
+        self._restored = {k: state[k] for k in ("surrogate", "optimizer")} if "surrogate" in state else None
+        if self._shapes is not None and self._shapes["layer"] != (self.layer or ""):
+            raise ValueError(
+                f"the checkpoint's GPEX state explains layer {self._shapes['layer'] or None!r}, but this callback is "
+                f"configured for layer={self.layer!r}"
+            )
+
+
+def _first_occurrences(slots: torch.Tensor) -> torch.Tensor | None:
+    """Positions of the first occurrence of each distinct slot, in batch order; ``None`` when all are distinct."""
+    uniq, inverse = torch.unique(slots, return_inverse=True)
+    if uniq.numel() == slots.numel():
+        return None
+    positions = torch.arange(slots.numel(), device=slots.device)
+    first = torch.full((uniq.numel(),), slots.numel(), dtype=torch.long, device=slots.device)
+    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+    return first.sort().values
+
+
+def neighbour_figure(
+    probes: torch.Tensor,
+    neighbour_inputs: torch.Tensor,
+    slots: torch.Tensor,
+    scores: torch.Tensor,
+    heads: torch.Tensor,
+    gp_heads: torch.Tensor,
+    labels: torch.Tensor | None = None,
+):
+    """A figure with one row per probe: the probe, then its neighbours with their kernel similarity scores.
+
+    Args:
+        probes: (P, ...) probe inputs.
+        neighbour_inputs: (P, k, ...) the neighbours' stored inputs.
+        slots: (P, k) their cache slots (−1: none).
+        scores: (P, k) their similarities.
+        heads: (P,) the network's predicted head (the kernel used for ranking).
+        gp_heads: (P,) the GP's predicted head.
+        labels: (P,) true labels, if known.
+
+    Images (``(C, H, W)`` examples) are drawn on one shared intensity range with the scores over each tile; other
+    inputs get a table of slots and scores.
+    """
+    p, k = slots.shape
+    captions = []
+    for i in range(p):
+        label = "" if labels is None else f" y={int(labels[i])}"
+        captions.append(f"net {int(heads[i])} GP {int(gp_heads[i])}{label}")
+    if probes.dim() == 4 and probes.is_floating_point():
+        both = torch.cat([probes.float(), neighbour_inputs.flatten(0, 1).float()])
+        low, high = float(both.min()), float(both.max())
+        tiles = [to_rgb(probes, low, high)]
+        for j in range(k):
+            tile = to_rgb(neighbour_inputs[:, j], low, high).clone()
+            tile[slots[:, j] < 0] = 0.5
+            tiles.append(tile)
+        rows = tile_row(tiles)  # (P, 3, h, w)
+        panel = stack_rows(rows)
+        height, width = panel.shape[-2:]
+        tile_w = (rows.shape[-1] - 2 * k) / (k + 1)
+        figure = new_figure(width / 80, height / 80)
+        ax = figure.add_axes((0, 0, 1, 1))
+        ax.imshow(panel.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_axis_off()
+        box = {"facecolor": "black", "alpha": 0.6, "pad": 1, "linewidth": 0}
+        for i in range(p):
+            top = i * (rows.shape[-2] + 2) + 1
+            ax.text(1, top, captions[i], color="yellow", fontsize=6, va="top", ha="left", bbox=box)
+            for j in range(k):
+                if int(slots[i, j]) < 0:
+                    continue
+                left = (j + 1) * (tile_w + 2) + 1
+                ax.text(
+                    left, top, f"{float(scores[i, j]):.3g}", color="white", fontsize=6, va="top", ha="left", bbox=box
+                )
+        return figure
+    lines = []
+    for i in range(p):
+        found = " ".join(f"#{int(s)}({float(c):.3g})" for s, c in zip(slots[i], scores[i]) if int(s) >= 0)
+        lines.append(f"probe {i} [{captions[i]}]: {found}")
+    figure = new_figure(max(6.0, 0.09 * max(len(line) for line in lines)), 0.3 * p + 0.6)
+    ax = figure.add_axes((0, 0, 1, 1))
+    ax.set_axis_off()
+    ax.text(0.01, 0.98, "nearest training examples: #slot(similarity)", fontsize=8, va="top", family="monospace")
+    for i, line in enumerate(lines):
+        ax.text(0.01, 0.98 - (i + 1) / (p + 1.5), line, fontsize=7, va="top", family="monospace")
+    return figure
