@@ -13,11 +13,12 @@ classifier's own. The classifier's parameters, gradients, BatchNorm statistics a
 its activations are detached, the classification term of the loss is differentiated with respect to the decoder's
 parameters only, and extra forwards run in eval mode.
 
-At each validation epoch end it logs ``cladec/rec_loss``, ``refae/rec_loss``, ``cladec/rec_ratio``,
-``cladec/acc_on_recon``, ``refae/acc_on_recon``, ``cladec/agreement``, ``refae/agreement`` and ``cladec/ce_on_recon``
-(accuracy and CE need targets), and the image ``cladec/probes``: one row per probe example, original | RefAE | ClaDec |
-ClaDec − original (the signed difference map is this library's addition, not the paper's), all on the originals'
-intensity range. Tabular inputs get bar charts per feature under the same tag.
+At each validation epoch end it logs, on a fixed set of ``metric_size`` validation examples (one batch),
+``cladec/rec_loss``, ``refae/rec_loss``, ``cladec/rec_ratio``, ``cladec/acc_on_recon``, ``refae/acc_on_recon``,
+``cladec/agreement``, ``refae/agreement`` and ``cladec/ce_on_recon`` (accuracy and CE need targets), and the
+image ``cladec/probes``: one row per probe example, original | RefAE | ClaDec | ClaDec − original (the signed
+difference map is this library's addition, not the paper's), all on the originals' intensity range. Tabular inputs
+get bar charts per feature under the same tag.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ class ClaDec(ExplainerCallback):
         target_fn: callable ``batch -> target``; without targets, ``alpha > 0`` uses the classifier's own prediction
             on the original input as the target, and accuracies are not logged (agreement still is).
         probe_size: validation examples drawn as panels, the same every epoch.
+        metric_size: validation examples (per process) behind the scalars, the same every epoch, evaluated in one
+            batch at the validation epoch's end.
         every_n_epochs: report every this many validation epochs.
         every_n_steps: one decoder/RefAE step on every this-many-th training batch (the batches in between are not
             used by the explainer: on small models this bounds its cost, see ``benchmarks/cladec_overhead.py``).
@@ -108,6 +111,7 @@ class ClaDec(ExplainerCallback):
         input_fn: BatchFn | None = None,
         target_fn: BatchFn | None = None,
         probe_size: int = 8,
+        metric_size: int = 128,
         every_n_epochs: int = 1,
         every_n_steps: int = 6,
         width: int = 64,
@@ -124,6 +128,7 @@ class ClaDec(ExplainerCallback):
             input_fn=input_fn,
             target_fn=target_fn,
             probe_size=probe_size,
+            metric_size=metric_size,
             every_n_epochs=every_n_epochs,
             every_n_steps=every_n_steps,
             name=name,
@@ -145,14 +150,12 @@ class ClaDec(ExplainerCallback):
         self.activation_mode = activation_mode
         self.output_activation = output_activation
         self.tap: LayerTap | None = None
-        self._output_tap: LayerTap | None = None
         self.core: ClaDecModel | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._shapes: dict[str, Any] | None = None
         self._restored: dict[str, Any] | None = None
         self.steps = 0
         self.skipped_steps = 0
-        self._scores: MeanOfNamed | None = None  # validation scalars, built in setup once the tags are known
 
     @property
     def refae_prefix(self) -> str:
@@ -169,7 +172,6 @@ class ClaDec(ExplainerCallback):
         else:
             name, capture = self.layer, "output"
         self.tap = LayerTap(model, name, capture).attach()
-        self._output_tap = LayerTap(model, "", "output").attach()  # the model's own output (logits)
         if self._shapes is not None and (self._shapes["layer"], self._shapes["capture"]) != (name, capture):
             raise ValueError(
                 f"the checkpoint's ClaDec state decodes {self._shapes['layer']!r} ({self._shapes['capture']}), "
@@ -179,9 +181,8 @@ class ClaDec(ExplainerCallback):
             rank_zero_info(f"ClaDec: layer=None, decoding {self.tap.describe()}, the last hidden representation.")
 
     def release(self) -> None:
-        for tap in (self.tap, self._output_tap):
-            if tap is not None:
-                tap.detach()
+        if self.tap is not None:
+            self.tap.detach()
 
     def _resolve_activation(self, x: torch.Tensor) -> str:
         if self.output_activation != "auto":
@@ -305,31 +306,9 @@ class ClaDec(ExplainerCallback):
             return self.model(x).argmax(-1)
 
     # ------------------------------------------------------------------ validation and reports
-    def _score_names(self) -> list[str]:
-        ref = self.refae_prefix
-        names = [self.tag(m) for m in ("rec_loss", "agreement", "acc_on_recon", "ce_on_recon")]
-        return names + [self.tag(m, ref) for m in ("rec_loss", "agreement", "acc_on_recon")]
-
-    def on_validation_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        if self.activation_mode == "train" and self._reporting(trainer) and self._output_tap is not None:
-            self.tap.arm()  # reuse the validation forward the user runs anyway (same assumption as in training)
-            self._output_tap.arm()
-
-    def _seen(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(code, logits) captured during the user's validation step on ``x``, if it ran the model on it."""
-        if self.activation_mode != "train" or self._output_tap is None:
-            return None
-        code, logits = self.tap.disarm(), self._output_tap.disarm()
-        ok = code is not None and logits is not None and code.shape[0] == logits.shape[0] == x.shape[0]
-        return (code, logits) if ok else None
-
-    def validation_batch(self, trainer: pl.Trainer, x: torch.Tensor, y: torch.Tensor | None) -> None:
-        seen = self._seen(x)
-        if self.core is None and self._restored is None:
-            return
-        logits_x, out = self._reconstruct(x, seen)
+    def _scores_on(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Reconstruction losses, and the frozen classifier's accuracy, agreement and CE on the reconstructions."""
+        logits_x, out = self._reconstruct(x)
         recons = out.cladec if out.refae is None else torch.cat([out.cladec, out.refae])
         with torch.no_grad(), eval_mode(self.model):  # one forward for both reconstructions
             logits = self.model(recons).float()
@@ -347,18 +326,17 @@ class ClaDec(ExplainerCallback):
             scores[self.tag("agreement", ref)] = (labels[n:] == pred).float().mean()
             if y is not None:
                 scores[self.tag("acc_on_recon", ref)] = (labels[n:] == y).float().mean()
-        if self._scores is None:
-            self._scores = MeanOfNamed(self._score_names())
-        self._scores.to(x.device).update(scores, weight=n)
-
-    def reset_metrics(self) -> None:
-        if self._scores is not None:
-            self._scores.reset()
+        return scores
 
     def report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._scores is None:
-            return
-        values = self._scores.compute()  # a collective under DDP: every rank gets here
+        if (self.core is None and self._restored is None) or self.examples.inputs is None:
+            return  # nothing trained yet (the same on every rank: the cadence depends on the step count only)
+        x = self.examples.inputs.to(pl_module.device)
+        y = None if self.examples.targets is None else self.examples.targets.to(pl_module.device)
+        scores = self._scores_on(x, y)
+        average = MeanOfNamed(sorted(scores)).to(x.device)
+        average.update(scores, weight=x.shape[0])
+        values = average.compute()  # a collective under DDP: every rank gets here
         ref_rec = values.get(self.tag("rec_loss", self.refae_prefix))
         if ref_rec is not None:
             values[self.tag("rec_ratio")] = values[self.tag("rec_loss")] / ref_rec.clamp_min(1e-12)
@@ -412,26 +390,17 @@ class ClaDec(ExplainerCallback):
             self.attach(model)
         return self._reconstruct(x)[1]
 
-    def _reconstruct(
-        self, x: torch.Tensor, seen: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, ClaDecExplanation]:
-        """The classifier's logits on ``x`` and the explanation, from one full eval-mode forward.
-
-        ``seen`` = (code, logits) already captured from the user's own forward on ``x`` saves that forward.
-        """
+    def _reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, ClaDecExplanation]:
+        """The classifier's logits on ``x`` and the explanation, from one full eval-mode forward."""
         if self.model is None or self.tap is None:
             raise RuntimeError("ClaDec.explain needs a model: pass model=... or use the callback in trainer.fit first")
         if self.core is None and self._shapes is None:
             raise RuntimeError("ClaDec has not been trained yet: fit it (trainer.fit) or load a checkpoint's state")
         with torch.inference_mode(False), torch.no_grad(), eval_mode(self.model):
             x = x.clone() if x.is_inference() else x
-            if seen is None:
-                with self.tap.recording():
-                    logits = self.model(x)
-                code = self.tap.value
-            else:
-                code, logits = (t.clone() for t in seen)
-            code = code.detach().float()
+            with self.tap.recording():
+                logits = self.model(x)
+            code = self.tap.value.detach().float()
             core = self._ensure_built(x, code)
             with eval_mode(core):
                 cladec = core.decoder(code)
