@@ -31,30 +31,24 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
-from torch.torch_version import TorchVersion
 
 from lightning_xai._core import ExplainerCallback, LayerTap, PrivateRNG, eval_mode, last_linear_name, owned_step
 from lightning_xai._core.batch import BatchFn
 from lightning_xai._core.distributed import all_reduce_, broadcast_module
 from lightning_xai._core.logging import figure_to_image, log_image, log_scalars
+from lightning_xai._core.optim import fast_adam
 from lightning_xai.cladec.model import ClaDecModel, cladec_objective, reconstruction_loss
 from lightning_xai.metrics import MeanOfNamed
 from lightning_xai.viz import diverging, feature_bars, stack_rows, tile_row, to_rgb
 
 ACTIVATION_MODES = ("train", "eval")
+OUTPUT_ACTIVATIONS = ("auto", "sigmoid", "identity")
 
 
 def _all_finite(*tensors: torch.Tensor) -> bool:
     """Whether every tensor is finite on every rank (one tiny all-reduce under DDP: all ranks skip together)."""
     bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).any().float()
     return not bool(all_reduce_(bad, "max"))
-
-
-def _fast_adam(device: torch.device) -> dict[str, bool]:
-    """Adam's fastest implementation for the device: fused kernels where supported (one kernel for all tensors)."""
-    fused_ok = device.type == "cuda" or (device.type == "cpu" and TorchVersion(torch.__version__) >= "2.4")
-    return {"fused": True} if fused_ok else {}
-OUTPUT_ACTIVATIONS = ("auto", "sigmoid", "identity")
 
 
 @dataclass
@@ -207,9 +201,7 @@ class ClaDec(ExplainerCallback):
         broadcast_module(self.core)
         # One Adam over decoder and RefAE: their graphs are disjoint, so one backward gives each its own gradients,
         # at the overhead of one step instead of two (which matters on small models).
-        self._optimizer = torch.optim.Adam(
-            self.core.parameters(), self.lr, weight_decay=self.weight_decay, **_fast_adam(device)
-        )
+        self._optimizer = fast_adam(self.core.parameters(), self.lr, self.weight_decay, device)
         if self._restored is not None:
             state, self._restored = self._restored, None
             self.core.load_state_dict(state["core"])

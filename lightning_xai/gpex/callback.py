@@ -45,12 +45,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
-from torch.torch_version import TorchVersion
 from torchmetrics import Metric
 
 from lightning_xai._core import ExplainerCallback, LayerTap, PrivateRNG, eval_mode, owned_step
 from lightning_xai._core.batch import BatchFn
 from lightning_xai._core.logging import figure_to_image, log_image, log_scalars
+from lightning_xai._core.optim import fast_adam
 from lightning_xai.gpex.kernel import default_kernel_net
 from lightning_xai.gpex.surrogate import GPEXSurrogate
 from lightning_xai.metrics import MeanOfNamed
@@ -61,12 +61,6 @@ __all__ = ["GPEX", "GPEXExplanation", "SurrogateFidelity"]
 IndexFn = Callable[[Any], Any]
 _REFIT_BATCH = 256
 _MANY_HEADS = 256
-
-
-def _fast_adam(device: torch.device) -> dict[str, bool]:
-    """Adam's fastest implementation for the device: fused kernels where supported."""
-    fused_ok = device.type == "cuda" or (device.type == "cpu" and TorchVersion(torch.__version__) >= "2.4")
-    return {"fused": True} if fused_ok else {}
 
 
 def _finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
@@ -343,7 +337,7 @@ class GPEX(ExplainerCallback):
         params = [p for p in net.parameters() if p.requires_grad]
         if not params:
             raise ValueError("kernel_net has no trainable parameters")
-        self._optimizer = torch.optim.Adam(params, lr=self.lr, **_fast_adam(device))
+        self._optimizer = fast_adam(params, self.lr, device=device)
         if self._restored is not None:
             state, self._restored = self._restored, None
             self.surrogate.load_state_dict(state["surrogate"])
