@@ -15,13 +15,11 @@ import argparse
 import statistics
 import time
 
-import lightning as L
 import torch
+from _digits import trained_digits_cnn
 
 from lightning_xai import ClaDec
 from lightning_xai.cladec.protocol import paper_protocol
-from lightning_xai.data import DigitsDataModule
-from lightning_xai.models import SmallCNN
 from lightning_xai.posthoc import fit_explainers
 
 QUIET = dict(logger=False, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
@@ -38,11 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    L.seed_everything(0, verbose=False)
-    dm = DigitsDataModule()
-    classifier = SmallCNN()
-    L.Trainer(max_epochs=args.classifier_epochs, accelerator="cpu", **QUIET).fit(classifier, datamodule=dm)
-    classifier.eval()
+    classifier, dm = trained_digits_cnn(args.classifier_epochs)
 
     rows = []
     for layer, label in (("features.7", "conv block 2 (32×2×2)"), (None, "last hidden (64)")):

@@ -23,30 +23,14 @@ import statistics
 import sys
 import time
 
-import lightning as L
 import torch
+from _digits import trained_digits_cnn
 from torch import nn
 
-from lightning_xai.data import DigitsDataModule
 from lightning_xai.insens import insens, insens_naive
 from lightning_xai.insens.neurons import capture_preactivations
-from lightning_xai.models import SmallCNN
 
 SAMPLES = (16, 64, 256)
-
-
-def trained_digits_model(epochs: int) -> tuple[nn.Module, torch.Tensor]:
-    """SmallCNN fitted on digits for a few epochs (seed 0), in eval mode and float64, and the validation inputs."""
-    L.seed_everything(0, verbose=False)
-    dm = DigitsDataModule()
-    model = SmallCNN()
-    trainer = L.Trainer(
-        max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(model, datamodule=dm)
-    dm.setup()
-    return model.eval().double(), dm.val_dataset.tensors[0].double()
 
 
 def random_cifar_cnn() -> nn.Module:
@@ -138,7 +122,8 @@ def main() -> None:
     clock = time.perf_counter if args.clock == "wall" else time.process_time
 
     # part 1: digits
-    model, x_val = trained_digits_model(args.epochs)
+    model, dm = trained_digits_cnn(args.epochs)
+    model, x_val = model.double(), dm.val_dataset.tensors[0].double()
     x = x_val[: args.batch]
     exact, slow = fast_exact(model, x), naive(model, x)
     diff = float((exact - slow).abs().max())

@@ -31,26 +31,10 @@ import statistics
 import sys
 import time
 
-import lightning as L
 import torch
+from _digits import trained_digits_cnn
 
-from lightning_xai.data import DigitsDataModule
 from lightning_xai.linearization import linearize
-from lightning_xai.models import SmallCNN
-
-
-def trained_model(epochs: int) -> tuple[SmallCNN, torch.Tensor]:
-    """SmallCNN fitted on digits for a few epochs (seed 0), in eval mode, and the validation inputs."""
-    L.seed_everything(0, verbose=False)
-    dm = DigitsDataModule()
-    model = SmallCNN()
-    trainer = L.Trainer(
-        max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(model, datamodule=dm)
-    dm.setup()
-    return model.eval(), dm.val_dataset.tensors[0]
 
 
 def via_linearize(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -159,7 +143,8 @@ def main() -> None:
         sys.exit("--device cuda: no GPU is available")
     device = torch.device(args.device)
 
-    model, x_val = trained_model(args.epochs)
+    model, dm = trained_digits_cnn(args.epochs)
+    x_val = dm.val_dataset.tensors[0]
     model = model.to(device)
     x = x_val[: args.batch].to(device)
     batch, d = x.shape[0], x[0].numel()
