@@ -59,3 +59,31 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
             raise ValueError(f"op={op!r} is not one of {sorted(ops)}")
         dist.all_reduce(tensor, op=ops[op])
     return tensor
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the running process group, ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather_rows(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``tensor``, in rank order; the leading dimension may differ between ranks (the rest may not).
+
+    Tensors are padded to the longest one for the collective and trimmed afterwards (two collectives: the lengths,
+    then the rows). One process returns ``[tensor]``.
+    """
+    if not is_distributed():
+        return [tensor]
+    world = dist.get_world_size()
+    length = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
+    lengths = [torch.zeros_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length)
+    sizes = [int(n) for n in lengths]
+    longest = max(sizes)
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded.contiguous())
+    return [g[:n] for g, n in zip(gathered, sizes)]

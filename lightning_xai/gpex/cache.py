@@ -8,8 +8,17 @@ push-through identity ``Uᵀ(UUᵀ + σ²I)⁻¹ = (UᵀU + σ²I)⁻¹Uᵀ``:
 
 so a training step never touches an M×M (or B×M) matrix. When rows change, both sums take a rank-B update
 (subtract the old rows' outer products, add the new ones); :meth:`InducingCache.refresh` recomputes them from all
-rows, to be called every K updates so rounding cannot accumulate. The sums are kept in float64 and built from the
-rows *as stored* (after casting to the storage dtype), so the cached sums always describe exactly the stored rows.
+rows so rounding cannot accumulate. It runs on its own once the rows rewritten since the last one reach
+``refresh_every`` times the number of filled rows, so its amortised cost per written row is a constant, whatever M.
+The sums are kept in float64 and built from the rows *as stored* (after casting to the storage dtype), so the cached
+sums always describe exactly the stored rows.
+
+**Sharded over processes** (``sharded=True``, under ``torch.distributed``): each rank stores only its own rows, while
+G and c stay the sums over *all* ranks' rows, equal everywhere. A write all-reduces its D×D change (the upper
+triangle of ΔG, Δc and two counts: ``8·L·(D(D+1)/2 + D) + 16`` bytes, whatever B or M), and a refresh all-reduces
+the per-rank sums; so every rank must call :meth:`InducingCache.write` and :meth:`InducingCache.refresh` at the same
+points (a rank with nothing to write passes zero rows). :meth:`InducingCache.overwrite` changes rows locally without
+touching the sums, for a re-embedding pass that ends in a refresh.
 
 Slots are written by index. Slots never written are "empty": their rows are zero and ``filled`` is false, so they
 add nothing to G, c or a neighbour search. The cache has a fixed size, or grows (doubling its storage) when a
@@ -21,6 +30,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from lightning_xai._core.distributed import all_reduce_
 
 __all__ = ["InducingCache"]
 
@@ -59,10 +70,16 @@ class InducingCache(nn.Module):
             ``U`` is); G and c are float64.
         store_inputs: Also keep each slot's input (allocated on the first write that passes inputs), for
             neighbour panels when examples carry no dataset index.
-        refresh_every: Recompute G and c from all rows after this many :meth:`write` calls (``None``: never).
+        refresh_every: Recompute G and c from all rows once the rows rewritten since the last recompute reach this
+            many times the filled rows (``None``: never). Amortised, a refresh then costs ``1/refresh_every`` of the
+            rank-B updates it follows, at any M.
+        sharded: This process holds one shard of the rows, and G, c sum over every process's shard (see the module
+            docstring: writes and refreshes become collectives).
 
     Buffers (all in the ``state_dict``): ``U``, ``V``, ``G``, ``c``, ``filled`` (M,) bool, ``index`` (M,) int64
-    dataset index per slot (−1 when unknown), ``inputs`` (M, ...) or empty, ``updates`` (number of writes).
+    dataset index per slot (−1 when unknown), ``inputs`` (M, ...) or empty, ``updates`` (number of writes),
+    ``total_filled`` and ``rewritten`` (float64 counts over all shards: filled rows, rows written since the last
+    refresh).
     """
 
     def __init__(
@@ -72,15 +89,17 @@ class InducingCache(nn.Module):
         capacity: int | None = None,
         storage_dtype: torch.dtype = torch.float32,
         store_inputs: bool = False,
-        refresh_every: int | None = 1000,
+        refresh_every: float | None = 4.0,
+        sharded: bool = False,
     ) -> None:
         super().__init__()
         self.heads, self.dim = int(heads), int(dim)
         self.growing = capacity is None
         self.store_inputs = bool(store_inputs)
-        self.refresh_every = None if refresh_every is None else int(refresh_every)
-        if self.refresh_every is not None and self.refresh_every < 1:
-            raise ValueError(f"refresh_every must be >= 1 or None, got {refresh_every!r}")
+        self.sharded = bool(sharded)
+        self.refresh_every = None if refresh_every is None else float(refresh_every)
+        if self.refresh_every is not None and not self.refresh_every > 0:
+            raise ValueError(f"refresh_every must be > 0 or None, got {refresh_every!r}")
         m = 0 if capacity is None else int(capacity)
         if m < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity!r}")
@@ -93,6 +112,10 @@ class InducingCache(nn.Module):
         self.register_buffer("index", torch.full((m,), -1, dtype=torch.long))
         self.register_buffer("inputs", torch.zeros(0))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("total_filled", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("rewritten", torch.zeros((), dtype=torch.float64))
+        rows, cols = torch.triu_indices(self.dim, self.dim)
+        self._triu = (rows, cols)
 
     @property
     def capacity(self) -> int:
@@ -155,21 +178,46 @@ class InducingCache(nn.Module):
                 f"expected u_rows {(slots.numel(), self.heads, self.dim)} and v_rows {(slots.numel(), self.heads)}, "
                 f"got {tuple(u_rows.shape)} and {tuple(v_rows.shape)}"
             )
+        if slots.numel() == 0 and not self.sharded:
+            return
+        delta_g = self.G.new_zeros(self.G.shape)
+        delta_c = self.c.new_zeros(self.c.shape)
+        written = newly_filled = 0
+        if slots.numel():
+            slots, last = _last_occurrence(slots)
+            if last is not None:
+                u_rows, v_rows = u_rows[last], v_rows[last]
+                inputs = None if inputs is None else inputs[last]
+                index = None if index is None else torch.as_tensor(index, device=last.device).reshape(-1)[last]
+            self._grow(int(slots.max()) + 1)
+            new_u = u_rows.to(device=self.U.device, dtype=self.U.dtype)
+            new_v = v_rows.to(device=self.V.device, dtype=self.V.dtype)
+            old_u, old_v = self.U[slots].double(), self.V[slots].double()
+            delta_g = _gram(new_u.double()) - _gram(old_u)
+            delta_c = _cross(new_u.double(), new_v.double()) - _cross(old_u, old_v)
+            written, newly_filled = slots.numel(), int((~self.filled[slots]).sum())
+            self.overwrite(slots, new_u, new_v, inputs=inputs, index=index)
+        self._add_to_sums(delta_g, delta_c, written, newly_filled)
+        self.updates += 1
+        if self.refresh_every is not None and float(self.rewritten) >= self.refresh_every * float(self.total_filled):
+            self.refresh()
+
+    @torch.no_grad()
+    def overwrite(
+        self,
+        slots: torch.Tensor,
+        u_rows: torch.Tensor,
+        v_rows: torch.Tensor,
+        inputs: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
+    ) -> None:
+        """Store rows at distinct ``slots`` *without* updating G and c (call :meth:`refresh` afterwards). Local."""
+        slots = self._check_slots(slots)
         if slots.numel() == 0:
             return
-        slots, last = _last_occurrence(slots)
-        if last is not None:
-            u_rows, v_rows = u_rows[last], v_rows[last]
-            inputs = None if inputs is None else inputs[last]
-            index = None if index is None else torch.as_tensor(index, device=last.device).reshape(-1)[last]
         self._grow(int(slots.max()) + 1)
-        new_u = u_rows.to(device=self.U.device, dtype=self.U.dtype)
-        new_v = v_rows.to(device=self.V.device, dtype=self.V.dtype)
-        old_u, old_v = self.U[slots].double(), self.V[slots].double()
-        self.G.sub_(_gram(old_u)).add_(_gram(new_u.double()))
-        self.c.sub_(_cross(old_u, old_v)).add_(_cross(new_u.double(), new_v.double()))
-        self.U[slots] = new_u
-        self.V[slots] = new_v
+        self.U[slots] = u_rows.detach().to(device=self.U.device, dtype=self.U.dtype)
+        self.V[slots] = v_rows.detach().to(device=self.V.device, dtype=self.V.dtype)
         self.filled[slots] = True
         if index is not None:
             self.index[slots] = torch.as_tensor(index, dtype=torch.long).reshape(-1).to(self.index.device)
@@ -179,13 +227,28 @@ class InducingCache(nn.Module):
                     raise ValueError(f"inputs of shape {tuple(inputs.shape[1:])} differ from the stored ones")
                 self.inputs = torch.zeros(self.capacity, *inputs.shape[1:], dtype=inputs.dtype, device=self.U.device)
             self.inputs[slots] = inputs.detach().to(self.inputs.device, self.inputs.dtype)
-        self.updates += 1
-        if self.refresh_every is not None and int(self.updates) % self.refresh_every == 0:
-            self.refresh()
+
+    def _add_to_sums(self, delta_g: torch.Tensor, delta_c: torch.Tensor, written: int, newly_filled: int) -> None:
+        """Add a change of G and c (and of the counts) to the sums; all-reduced first when sharded."""
+        if self.sharded:
+            rows, cols = self._triu
+            counts = delta_c.new_tensor([written, newly_filled])
+            packed = torch.cat([delta_g[:, rows, cols].reshape(-1), delta_c.reshape(-1), counts])
+            all_reduce_(packed)
+            upper = packed[: delta_g[:, rows, cols].numel()].view(self.heads, -1)
+            delta_g = delta_g.new_zeros(delta_g.shape)
+            delta_g[:, rows, cols] = upper
+            delta_g[:, cols, rows] = upper
+            delta_c = packed[upper.numel() : upper.numel() + delta_c.numel()].view_as(delta_c)
+            written, newly_filled = float(packed[-2]), float(packed[-1])
+        self.G.add_(delta_g)
+        self.c.add_(delta_c)
+        self.rewritten += written
+        self.total_filled += newly_filled
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Recompute ``G = UᵀU`` and ``c = UᵀV`` from all filled rows (chunked, float64)."""
+        """Recompute ``G = UᵀU`` and ``c = UᵀV`` from all filled rows (chunked, float64; summed over shards)."""
         self.G.zero_()
         self.c.zero_()
         for start in range(0, self.capacity, _REFRESH_CHUNK):
@@ -194,6 +257,14 @@ class InducingCache(nn.Module):
             u = self.U[rows].double() * mask[:, None, None]
             self.G.add_(_gram(u))
             self.c.add_(_cross(u, self.V[rows].double()))
+        self.total_filled.fill_(float(self.filled.sum()))
+        self.rewritten.zero_()
+        if self.sharded:
+            packed = torch.cat([self.G.reshape(-1), self.c.reshape(-1), self.total_filled.reshape(1)])
+            all_reduce_(packed)
+            self.G.copy_(packed[: self.G.numel()].view_as(self.G))
+            self.c.copy_(packed[self.G.numel() : -1].view_as(self.c))
+            self.total_filled.copy_(packed[-1])
 
     @torch.no_grad()
     def clear(self) -> None:
@@ -204,6 +275,8 @@ class InducingCache(nn.Module):
         self.index.fill_(-1)
         self.G.zero_()
         self.c.zero_()
+        self.total_filled.zero_()
+        self.rewritten.zero_()
         if self.inputs.numel():
             self.inputs.zero_()
 

@@ -12,16 +12,18 @@ of the user's optimizer steps (every ``every_n_steps``-th batch) it
 1. computes the explained module's outputs on the batch (a truncated eval-mode forward without gradients, so the
    network's parameters, gradients, BatchNorm statistics and random stream are never touched),
 2. mixes the batch (``α·x + (1 − α)·x[perm] + 0.1·ε``, α ~ U[−1, 2], from a private generator) and computes the
-   module's outputs on the mixture (the matching targets),
+   module's outputs on the mixture (the matching targets); when the whole model is explained, steps 1 and 2 share
+   one forward of the batch and its mixture,
 3. takes one Adam step on f with the uncertainty-weighted matching loss, gradients flowing through the mixed queries
    and the batch's own inducing rows,
 4. writes the batch's rows (features, current outputs, inputs) into the inducing cache.
 
 Because g changes while it trains, the cache's targets V are refreshed together with the features U (the paper keeps
 V fixed). Slots are positions in the epoch's training stream (reset each epoch; the stream covers the training set
-once per epoch), or dataset indices when ``index_fn`` supplies them. Before each validation the whole cache is
-re-embedded with the current f and g from the stored inputs (``refit_each_epoch``), so the reported fidelity is that
-of a surrogate conditioned on the current network's outputs at every training example.
+once per epoch), so no dataset index is needed; when ``index_fn`` supplies one it is stored beside each row and
+explanations name examples by it. Before each validation the whole cache is re-embedded with the current f and g from
+the stored inputs (``refit_each_epoch``), so the reported fidelity is that of a surrogate conditioned on the current
+network's outputs at every training example.
 
 At each report it logs ``gpex/agreement`` (argmax of GP mean = argmax of the network), ``gpex/pearson`` (mean over
 heads of the per-head correlation between GP mean and network output), ``gpex/pearson_min`` (worst head),
@@ -30,8 +32,13 @@ heads of the per-head correlation between GP mean and network output), ``gpex/pe
 then its ``neighbours`` most similar training examples under the kernel of the head the network predicts, each
 with its similarity score (the paper's explanation figure).
 
-Multi-process (DDP) training is refused at setup for now: each rank would see only its shard of the training set,
-so the cache would be split; a sharded cache is planned.
+**Many processes (DDP).** The cache is sharded, not gathered: each rank keeps the rows of the examples its sampler
+gives it (≈ M/world), G and c are all-reduced sums of every rank's D×D updates, and the kernel net's gradients are
+averaged, so f, G and c are equal on every rank after every step. Neighbour search merges each rank's top k
+(:mod:`lightning_xai.gpex.sharding`); a checkpoint stores the cache in a world-size-independent order, so a run saved on
+2 devices resumes on 1 and vice versa. Per rank the cache costs ``(M/world)·(4·L·D + 4·L + input bytes + 9)`` bytes;
+a step sends ``8·L·(D(D+1)/2 + D) + 16`` bytes for G and c plus the kernel net's gradients (module README: the
+figures at ImageNet scale).
 """
 
 from __future__ import annotations
@@ -49,9 +56,11 @@ from torchmetrics import Metric
 
 from lightning_xai._core import ExplainerCallback, LayerTap, PrivateRNG, eval_mode, owned_step
 from lightning_xai._core.batch import BatchFn
-from lightning_xai._core.logging import figure_to_image, log_image, log_scalars
+from lightning_xai._core.distributed import broadcast_module
+from lightning_xai._core.logging import figure_to_image, image_loggers, log_image, log_scalars
 from lightning_xai._core.optim import fast_adam
 from lightning_xai.gpex.kernel import default_kernel_net
+from lightning_xai.gpex.sharding import gather_rows, shard_rows, sharded_neighbours
 from lightning_xai.gpex.surrogate import GPEXSurrogate
 from lightning_xai.metrics import MeanOfNamed
 from lightning_xai.viz import new_figure, stack_rows, tile_row, to_rgb
@@ -59,6 +68,7 @@ from lightning_xai.viz import new_figure, stack_rows, tile_row, to_rgb
 __all__ = ["GPEX", "GPEXExplanation", "SurrogateFidelity"]
 
 IndexFn = Callable[[Any], Any]
+_FALL_BACK = object()
 _REFIT_BATCH = 256
 _MANY_HEADS = 256
 
@@ -78,13 +88,14 @@ class GPEXExplanation:
     Attributes:
         mean: (B, L) GP posterior means (float64); the surrogate's prediction of the network's outputs.
         variance: (B, L) GP posterior variances (float64).
-        neighbours: (B, k) slots of the inducing cache holding the most similar training examples, best first
-            (−1 where fewer than k slots are filled). With ``index_fn`` these are dataset indices; otherwise they are
-            positions in the training stream of the last epoch, and :meth:`GPEX.inducing_inputs` returns the
-            examples themselves.
+        neighbours: (B, k) the most similar training examples, best first (−1 where fewer than k are cached): their
+            dataset indices when ``index_fn`` supplies them, else their positions in the last epoch's training
+            stream (under DDP, in the stream interleaved over ranks as a ``DistributedSampler`` deals it).
         scores: (B, k) their raw kernel similarities ``f_h(x)ᵀ f_h(x̃)`` (float64) on head ``h = head``.
         head: (B,) the head the neighbours were ranked on: the argmax of the network's output (the paper's choice).
         output: (B, L) the explained module's output on ``x`` (float32), flattened to one scalar per head.
+        examples: (B, k, ...) the neighbours' model inputs as cached (zeros where there is none), or ``None`` when
+            ``k`` was not asked for.
     """
 
     mean: torch.Tensor
@@ -93,6 +104,7 @@ class GPEXExplanation:
     scores: torch.Tensor
     head: torch.Tensor
     output: torch.Tensor
+    examples: torch.Tensor | None = None
 
 
 class SurrogateFidelity(Metric):
@@ -167,8 +179,9 @@ class GPEX(ExplainerCallback):
             submodule (its input → its output), which must take one tensor and return one tensor. Outputs are
             flattened: every scalar is a head with its own GP.
         kernel_net: the kernel-mapping network f, mapping ``(B, *input_shape)`` to ``(B, L, D)``. ``None`` builds
-            :func:`~lightning_xai.gpex.kernel.default_kernel_net` (a small CNN for images, an MLP otherwise) from the
-            shapes seen on the first training batch, with its initial weights drawn from the private stream.
+            :func:`~lightning_xai.gpex.kernel.default_kernel_net` (a small CNN for images of at least 16×16 pixels, an
+            MLP otherwise) from the shapes seen on the first training batch, with its initial weights drawn from the
+            private stream.
         dim: features per head D (the paper's 20).
         scale: norm of each head's features in the default kernel net.
         noise: GP likelihood noise σ². ``None`` means ``scale²`` (``σ²/scale² = 1``). Only that ratio moves the
@@ -177,24 +190,32 @@ class GPEX(ExplainerCallback):
             M ≈ 50k); at M ≈ 1.4k (digits) it shrinks most directions to ~1% and misses the acceptance bar
             (agreement .96–.99, Pearson ≈ .93 measured), while ratio 1 reaches ≈ .99/.99 and shrinks even less as M
             grows (research notes, gpex.md §7).
+        holdout_weight: weight of the leave-batch-out term added to the paper's matching loss (``0``: the paper's loss
+            alone; see :class:`~lightning_xai.gpex.surrogate.GPEXSurrogate`).
         lr: Adam learning rate of the kernel net (1e-3 pairs with ratio 1; the paper uses 1e-4).
         every_n_steps: one matching step (kernel-net update) on every this-many-th training batch. The batches in
             between still refresh their cache rows with one forward of f and of the explained module each, so the
             cache always holds the current epoch's stream.
         refit_each_epoch: re-embed the whole cache (features and targets, from the stored inputs, f and the network in
             eval mode) before each validation, or at the end of a training epoch without validation.
+        store_inputs: keep each training example's input in the cache (for the refit and the image panels). At
+            ImageNet scale the inputs dwarf the rest of the cache; ``store_inputs=False`` (with
+            ``refit_each_epoch=False``) keeps only features, targets and indices, and the panels list neighbours
+            by name and score instead of drawing them.
         neighbours: neighbours per probe example in the ``gpex/neighbours`` panel.
         probe_size: validation examples drawn in the panel, the same every epoch.
         every_n_epochs: report every this many validation epochs.
         input_fn: callable ``batch -> input``; default handles ``(x, y, ...)`` and dict batches.
         target_fn: callable ``batch -> target`` (only shown in panel titles).
-        index_fn: callable ``batch -> dataset indices`` (B,) of the examples; then slots are dataset indices, else
-            positions in each epoch's training stream.
+        index_fn: callable ``batch -> dataset indices`` (B,) of the examples; explanations then name neighbours by
+            dataset index instead of stream position.
         name: tag prefix (default ``gpex``; ``gpex-<layer>`` when several GPEX callbacks are attached).
         seed: seed of the private streams (kernel-net initialisation, mixing, dropout in the kernel net).
 
     Memory: the cache keeps, per training example, L·D feature values, L targets and the example's input (for the
-    refit and the panels), on the device the training runs on; all of it is in the checkpoint.
+    refit and the panels), on the device the training runs on; all of it is in the checkpoint. Under DDP each rank
+    keeps only its share of the examples (see the module docstring); :meth:`explain` is then a collective (every
+    rank calls it, each with its own queries), and so is saving a checkpoint, as always in Lightning.
 
     Example::
 
@@ -213,8 +234,10 @@ class GPEX(ExplainerCallback):
         scale: float = 1.0,
         noise: float | None = None,
         lr: float = 1e-3,
+        holdout_weight: float = 1.0,
         every_n_steps: int = 1,
         refit_each_epoch: bool = True,
+        store_inputs: bool = True,
         neighbours: int = 8,
         probe_size: int = 4,
         every_n_epochs: int = 1,
@@ -249,15 +272,25 @@ class GPEX(ExplainerCallback):
             isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise <= 0
         ):
             raise ValueError(f"noise={noise!r} must be a positive number or None (None: scale**2)")
-        if not isinstance(refit_each_epoch, bool):
-            raise ValueError(f"refit_each_epoch={refit_each_epoch!r} must be True or False")
+        for arg, value in (("refit_each_epoch", refit_each_epoch), ("store_inputs", store_inputs)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{arg}={value!r} must be True or False")
+        if refit_each_epoch and not store_inputs:
+            raise ValueError(
+                "refit_each_epoch=True re-embeds the cache from its stored inputs, but store_inputs=False: pass "
+                "refit_each_epoch=False (or store_inputs=True)"
+            )
         if index_fn is not None and not callable(index_fn):
             raise ValueError(f"index_fn={index_fn!r} must be a callable batch -> dataset indices, or None")
         self.kernel_net = kernel_net
         self.dim, self.scale = dim, float(scale)
         self.noise = None if noise is None else float(noise)
         self.lr = float(lr)
+        if isinstance(holdout_weight, bool) or not isinstance(holdout_weight, (int, float)) or not holdout_weight >= 0:
+            raise ValueError(f"holdout_weight={holdout_weight!r} must be a number >= 0")
+        self.holdout_weight = float(holdout_weight)
         self.refit_each_epoch = refit_each_epoch
+        self.store_inputs = store_inputs
         self.neighbours = neighbours
         self.index_fn = index_fn
         self.surrogate: GPEXSurrogate | None = None
@@ -275,16 +308,13 @@ class GPEX(ExplainerCallback):
         self._position = 0  # position of the next example in this epoch's training stream
         self._position_epoch = -1
         self._dirty = False  # the cache changed since the last refit
+        self._rank, self._world = 0, 1
 
     # ------------------------------------------------------------------ set-up
     def configure(self, trainer: pl.Trainer | None, model: nn.Module) -> None:
-        if trainer is not None and trainer.world_size > 1:
-            raise ValueError(
-                f"GPEX does not support multi-process training yet (trainer.world_size={trainer.world_size}): each "
-                "process would cache only its shard of the training set (a sharded cache is planned). Train with "
-                "devices=1, or explain the trained model afterwards on one device with "
-                "lightning_xai.fit_explainers(model, datamodule, [GPEX()], epochs=...)."
-            )
+        self._rank, self._world = (0, 1) if trainer is None else (trainer.global_rank, trainer.world_size)
+        if self.surrogate is not None and self.surrogate.cache.sharded != self._sharded:
+            self._restored, self.surrogate = self._as_restorable_state(), None  # re-shard for the new world size
         self.release()
         name = self.layer or ""
         self._out_tap = LayerTap(model, name, "output")  # resolves the name: a misspelt layer fails here
@@ -310,6 +340,10 @@ class GPEX(ExplainerCallback):
             if tap is not None:
                 tap.detach()
 
+    @property
+    def _sharded(self) -> bool:
+        return self._world > 1
+
     def attach(self, model: nn.Module) -> GPEX:
         """Point the callback at ``model`` without a Trainer (e.g. after loading a checkpoint's callback state)."""
         self.model = model
@@ -331,7 +365,8 @@ class GPEX(ExplainerCallback):
             s["noise"] = self.noise if self.noise is not None else float(getattr(net, "scale", s["scale"])) ** 2
         dim = int(getattr(net, "dim", s["dim"]))
         surrogate = GPEXSurrogate(
-            net, heads=s["heads"], dim=dim, noise=s["noise"], store_inputs=True, seed=self.rng.seed
+            net, heads=s["heads"], dim=dim, noise=s["noise"], store_inputs=self.store_inputs, seed=self.rng.seed,
+            sharded=self._sharded, holdout_weight=self.holdout_weight,
         )
         self.surrogate = surrogate.to(device).train()
         params = [p for p in net.parameters() if p.requires_grad]
@@ -340,9 +375,29 @@ class GPEX(ExplainerCallback):
         self._optimizer = fast_adam(params, self.lr, device=device)
         if self._restored is not None:
             state, self._restored = self._restored, None
-            self.surrogate.load_state_dict(state["surrogate"])
+            self.surrogate.load_state_dict(self._shard(state["surrogate"]))
             self._optimizer.load_state_dict(state["optimizer"])
+        elif self._sharded:
+            broadcast_module(net)  # a user's kernel net may have been initialised differently on each rank
         return self.surrogate
+
+    def _shard(self, surrogate_state: dict[str, Any]) -> dict[str, Any]:
+        """This rank's part of a checkpoint's surrogate state (whose cache rows are in global-position order)."""
+        prefix = "cache."
+        cache = {k[len(prefix) :]: v for k, v in surrogate_state.items() if k.startswith(prefix)}
+        cache = shard_rows(cache, self._rank, self._world)
+        return {**surrogate_state, **{prefix + k: v for k, v in cache.items()}}
+
+    def _as_restorable_state(self) -> dict[str, Any]:
+        """The surrogate and optimiser state with the cache rows in global-position order (a collective if sharded)."""
+        assert self.surrogate is not None and self._optimizer is not None
+        state = self.surrogate.state_dict()
+        if self.surrogate.cache.sharded:
+            prefix = "cache."
+            cache = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            cache = gather_rows(cache, self._world)
+            state.update({prefix + k: v for k, v in cache.items()})
+        return {"surrogate": state, "optimizer": self._optimizer.state_dict()}
 
     def _ensure_built(self, gp_in: torch.Tensor, output: torch.Tensor) -> GPEXSurrogate:
         if self.surrogate is not None:
@@ -401,15 +456,16 @@ class GPEX(ExplainerCallback):
             self._position, self._position_epoch = 0, trainer.current_epoch
 
     def _slots(self, batch: Any, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Cache slots of a batch: its dataset indices (``index_fn``), else its positions in the epoch's stream."""
+        """Cache slots of a batch (its positions in this rank's epoch stream) and its dataset indices if known."""
         start = self._position
         self._position += size
+        slots = torch.arange(start, start + size, device=device)
         if self.index_fn is None:
-            return torch.arange(start, start + size, device=device), None
+            return slots, None
         index = torch.as_tensor(self.index_fn(batch)).reshape(-1).to(device=device, dtype=torch.long)
         if index.numel() != size or (size and int(index.min()) < 0):
             raise ValueError(f"index_fn must return {size} non-negative dataset indices, got {tuple(index.shape)}")
-        return index, index
+        return slots, index
 
     def train_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         x = self.batches.input(batch).detach()
@@ -424,6 +480,10 @@ class GPEX(ExplainerCallback):
         ``match=False`` only refreshes the batch's cache rows. Usable without a Trainer after :meth:`attach`.
         """
         with torch.autocast(x.device.type, enabled=False):
+            if match and self._in_tap is None and self.surrogate is not None:
+                loss = self._fused_match_step(x, slots, index)
+                if loss is not _FALL_BACK:
+                    return loss
             gp_in, v = self._io(x)
             surrogate = self._ensure_built(gp_in, v)
             slots = slots.to(surrogate.cache.U.device)
@@ -431,6 +491,7 @@ class GPEX(ExplainerCallback):
             if not bool(ok.all()):
                 self._skip("its inputs or the explained module's outputs")
                 if not bool(ok.any()):
+                    self._sit_out(surrogate, match)
                     return None
                 x, gp_in, v, slots = x[ok], gp_in[ok], v[ok], slots[ok]
                 index = None if index is None else index[ok]
@@ -458,6 +519,52 @@ class GPEX(ExplainerCallback):
             surrogate.update_rows(slots, out.inducing_features, v, inputs=x, index=index)
         return loss
 
+    def _fused_match_step(self, x: torch.Tensor, slots: torch.Tensor, index: torch.Tensor | None) -> Any:
+        """:meth:`fit_step` with ``match=True`` when the whole model is explained (its input is the GP's input): one
+        forward of the model gives both the batch's targets and the mixture's. Returns ``_FALL_BACK`` (nothing
+        changed) when a row is non-finite, for the general path's filtering."""
+        surrogate = self.surrogate
+        assert surrogate is not None and self._optimizer is not None and self._losses is not None
+        slots = slots.to(surrogate.cache.U.device)
+        if not bool(torch.isfinite(x).all()):
+            return _FALL_BACK
+        first = _first_occurrences(slots)  # the gradient-carrying rows must be distinct slots
+        if first is not None:
+            x, slots = x[first], slots[first]
+            index = None if index is None else index[first]
+        n = x.shape[0]
+        with self.rng.active(x.device):  # dropout in a user's kernel net draws from the private stream
+            state = surrogate._generator.get_state()
+            mixed = surrogate.mix(x.float())
+            both = self._g(torch.cat([x, mixed.to(x.dtype)]))
+            v, targets = both[:n], both[n:]
+            if not bool(torch.isfinite(v).all()):
+                surrogate._generator.set_state(state)  # the general path mixes the finite rows afresh
+                return _FALL_BACK
+            self._dirty = True
+            self.steps += 1
+            out = surrogate.match(mixed, targets, slots, x.float(), v)
+            params = [p for group in self._optimizer.param_groups for p in group["params"]]
+            if not owned_step(out.loss, params, self._optimizer):
+                self._skip("its gradients")
+        loss = out.loss.detach()
+        if torch.isfinite(loss):
+            self._losses.to(loss.device).update({self.tag("match_loss"): loss}, weight=n)
+        surrogate.update_rows(slots, out.inducing_features, v, inputs=x, index=index)
+        return loss
+
+    def _sit_out(self, surrogate: GPEXSurrogate, match: bool) -> None:
+        """Take part in a step's collectives with nothing to contribute (sharded runs; no-op in one process)."""
+        if not self._sharded:
+            return
+        if match:
+            self.steps += 1
+            params = [p for group in self._optimizer.param_groups for p in group["params"]]
+            zero = sum((p * 0).sum() for p in params)  # zero gradients, averaged in with the other ranks'
+            owned_step(zero, params, self._optimizer)
+        empty = surrogate.cache.U.new_zeros(0, surrogate.heads, surrogate.dim)
+        surrogate.update_rows(torch.zeros(0, dtype=torch.long), empty, empty[..., 0])
+
     def _skip(self, what: str) -> None:
         self.skipped_steps += 1
         if self.skipped_steps == 1:
@@ -465,18 +572,23 @@ class GPEX(ExplainerCallback):
 
     @torch.no_grad()
     def refit(self) -> None:
-        """Re-embed every cached example with the current f and network (both in eval mode), then refresh G and c."""
+        """Re-embed every cached example with the current f and network (both in eval mode), then refresh G and c.
+
+        Under DDP each rank re-embeds its own shard, and the refresh sums the shards (a collective).
+        """
         surrogate = self.surrogate
         if surrogate is None:
             return
         cache = surrogate.cache
+        if not cache.store_inputs:
+            raise RuntimeError("GPEX.refit re-embeds stored inputs, but this GPEX was built with store_inputs=False")
         with torch.inference_mode(False), torch.autocast(cache.U.device.type, enabled=False), eval_mode(surrogate):
             for chunk in cache.filled.nonzero().squeeze(1).split(_REFIT_BATCH):
                 x = cache.inputs[chunk]
                 gp_in, v = self._io(x)
                 u = surrogate.features(gp_in.float())
                 ok = _finite_rows(u, v)  # a row that turned non-finite keeps its previous values
-                surrogate.update_rows(chunk[ok], u[ok], v[ok])
+                cache.overwrite(chunk[ok], u[ok], v[ok])  # local: the refresh below rebuilds G and c (all ranks)
             surrogate.refresh()
         self.refits += 1
         self._dirty = False
@@ -516,18 +628,27 @@ class GPEX(ExplainerCallback):
         if self._losses is not None and self._losses.update_count > 0:
             values.update(self._losses.compute())
         log_scalars(pl_module, values)
-        if trainer.is_global_zero and len(self.probe) and self.surrogate is not None:
+        # the same decision on every rank (the panel's search is a collective); drawing costs more than an epoch of
+        # steps on small models, so it is skipped when no logger could store it
+        wanted = bool(trainer.loggers) if self._sharded else bool(image_loggers(trainer))
+        if self.probe.size and self.surrogate is not None and wanted:
             self.draw_neighbours(trainer)
 
     def draw_neighbours(self, trainer: pl.Trainer) -> None:
-        """Log the ``neighbours`` panel of the probe examples (rank zero)."""
-        assert self.probe.inputs is not None and self.surrogate is not None
+        """Log the ``neighbours`` panel of the probe examples (rank zero draws; every rank searches its shard)."""
+        assert self.surrogate is not None
+        if self.probe.inputs is None:  # this rank saw no validation example: it still answers the others' queries
+            features = self.surrogate.cache.U.new_zeros(0, self.surrogate.heads, self.surrogate.dim)
+            self._neighbours(features, torch.zeros(0, dtype=torch.long), self.neighbours)
+            return
         x = self.probe.inputs.to(self.surrogate.cache.U.device)
         e = self.explain(x, k=self.neighbours)
+        if not trainer.is_global_zero:
+            return
         labels = self.probe.targets
         figure = neighbour_figure(
             x.cpu(),
-            self.inducing_inputs(e.neighbours).cpu(),
+            None if e.examples is None else e.examples.cpu(),
             e.neighbours.cpu(),
             e.scores.cpu(),
             e.head.cpu(),
@@ -537,15 +658,16 @@ class GPEX(ExplainerCallback):
         log_image(trainer, self.tag("neighbours"), figure_to_image(figure))
 
     # ------------------------------------------------------------------ explanations
-    def inducing_inputs(self, slots: torch.Tensor) -> torch.Tensor:
-        """The stored training inputs at cache ``slots`` (any shape; slot −1 gives zeros)."""
-        if self.surrogate is None:
-            raise RuntimeError("GPEX has no cache yet: fit it or call explain() after loading a checkpoint")
-        cache = self.surrogate.cache
-        slots = slots.to(cache.inputs.device)
-        out = cache.inputs[slots.clamp_min(0)].clone()
-        out[slots < 0] = 0
-        return out
+    def _neighbours(
+        self, features: torch.Tensor, heads: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Names (dataset index, else global stream position), scores and inputs (if stored) of the k nearest."""
+        assert self.surrogate is not None
+        positions, scores, index, inputs = sharded_neighbours(
+            self.surrogate, features, heads, k, self._rank, self._world
+        )
+        names = torch.where(index >= 0, index, positions) if self.index_fn is not None else positions
+        return names, scores, inputs if self.surrogate.cache.inputs.numel() else None
 
     def explain(self, x: torch.Tensor, k: int = 10, model: nn.Module | None = None) -> GPEXExplanation:
         """GP prediction and nearest training examples for a batch of model inputs ``x``.
@@ -557,7 +679,7 @@ class GPEX(ExplainerCallback):
 
         Returns:
             a :class:`GPEXExplanation`; neighbours are ranked by raw similarity under the kernel of the head the
-            network predicts.
+            network predicts, over the whole cache (under DDP: every rank's shard, so every rank must call this).
         """
         if model is not None and model is not self.model:
             self.attach(model)
@@ -579,10 +701,11 @@ class GPEX(ExplainerCallback):
                 prediction = surrogate.posterior(u)
                 head = output.argmax(-1)
                 if k is None:
-                    slots = scores = torch.empty(x.shape[0], 0)
+                    names = scores = torch.empty(x.shape[0], 0)
+                    examples = None
                 else:
-                    slots, scores = surrogate.neighbours(features=u, k=k, head=head)
-        return GPEXExplanation(prediction.mean, prediction.variance, slots, scores, head, output)
+                    names, scores, examples = self._neighbours(u, head, k)
+        return GPEXExplanation(prediction.mean, prediction.variance, names, scores, head, output, examples)
 
     # ------------------------------------------------------------------ checkpoints
     def explainer_state(self) -> dict[str, Any]:
@@ -596,8 +719,7 @@ class GPEX(ExplainerCallback):
             "dirty": self._dirty,
         }
         if self.surrogate is not None:
-            state["surrogate"] = self.surrogate.state_dict()
-            state["optimizer"] = self._optimizer.state_dict()
+            state.update(self._as_restorable_state())  # under DDP: gathers every rank's rows (a collective)
         elif self._restored is not None:  # loaded but not rebuilt yet: pass the state through unchanged
             state.update(self._restored)
         return state
@@ -630,7 +752,7 @@ def _first_occurrences(slots: torch.Tensor) -> torch.Tensor | None:
 
 def neighbour_figure(
     probes: torch.Tensor,
-    neighbour_inputs: torch.Tensor,
+    neighbour_inputs: torch.Tensor | None,
     slots: torch.Tensor,
     scores: torch.Tensor,
     heads: torch.Tensor,
@@ -641,22 +763,22 @@ def neighbour_figure(
 
     Args:
         probes: (P, ...) probe inputs.
-        neighbour_inputs: (P, k, ...) the neighbours' stored inputs.
-        slots: (P, k) their cache slots (−1: none).
+        neighbour_inputs: (P, k, ...) the neighbours' stored inputs, or None when inputs are not stored.
+        slots: (P, k) their names (−1: none).
         scores: (P, k) their similarities.
         heads: (P,) the network's predicted head (the kernel used for ranking).
         gp_heads: (P,) the GP's predicted head.
         labels: (P,) true labels, if known.
 
     Images (``(C, H, W)`` examples) are drawn on one shared intensity range with the scores over each tile; other
-    inputs get a table of slots and scores.
+    inputs, or neighbours whose inputs are not stored, get a table of names and scores.
     """
     p, k = slots.shape
     captions = []
     for i in range(p):
         label = "" if labels is None else f" y={int(labels[i])}"
         captions.append(f"net {int(heads[i])} GP {int(gp_heads[i])}{label}")
-    if probes.dim() == 4 and probes.is_floating_point():
+    if neighbour_inputs is not None and probes.dim() == 4 and probes.is_floating_point():
         both = torch.cat([probes.float(), neighbour_inputs.flatten(0, 1).float()])
         low, high = float(both.min()), float(both.max())
         tiles = [to_rgb(probes, low, high)]

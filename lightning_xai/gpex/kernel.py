@@ -10,7 +10,8 @@ This module provides
 
 * :class:`HeadNorm`, the per-head normalise × scale → LeakyReLU ending shared by every kernel map;
 * :class:`KernelMap`, any backbone followed by a linear layer to ``L·D`` features and :class:`HeadNorm`;
-* :func:`default_kernel_net`, a small CNN for ``(C, H, W)`` inputs or an MLP for anything else;
+* :func:`default_kernel_net`, a small CNN for ``(C, H, W)`` inputs of at least 16×16 pixels or an MLP for anything
+  else;
 * :class:`FeatureLinearKernel`, a gpytorch kernel on the features (heads as the kernel's batch dimension) that
   returns low-rank linear operators, for dense reference computations and for expressing the surrogate's
   posterior with gpytorch abstractions.
@@ -32,6 +33,7 @@ from torch.nn import functional as F
 __all__ = ["FeatureLinearKernel", "HeadNorm", "KernelMap", "default_kernel_net", "heads_first"]
 
 LEAKY_SLOPE = 0.01
+_MIN_CNN_SIDE = 16
 
 
 class HeadNorm(nn.Module):
@@ -112,14 +114,17 @@ def default_kernel_net(
     scale: float = 1.0,
     width: int = 32,
     hidden: int = 256,
+    backbone: str = "auto",
 ) -> KernelMap:
     """A small default kernel map for the inputs of the explained network.
 
-    ``(C, H, W)`` inputs get a CNN: 1–4 stages of (3×3 conv, ReLU, stride-2 3×3 conv, ReLU) with ``width·2^i``
-    channels (stages ≈ log2(min(H, W)) − 2), an adaptive average pool to 4×4 (1×1 for tiny maps), and a
-    ``hidden``-wide linear layer. Any other shape is flattened into a two-layer MLP of width ``hidden``. No
-    normalisation layers: f is trained on mixed inputs and evaluated on clean ones, and BatchNorm statistics would
-    differ between the two. Both end in ``Linear(hidden, L·D)`` and :class:`HeadNorm`.
+    ``(C, H, W)`` inputs of at least 16×16 pixels get a CNN: 1–4 stages of (3×3 conv, ReLU, stride-2 3×3 conv, ReLU)
+    with ``width·2^i`` channels (stages ≈ log2(min(H, W)) − 2), an adaptive average pool to 4×4 (1×1 for tiny maps),
+    and a ``hidden``-wide linear layer. Smaller images and any other shape are flattened into a two-layer MLP of
+    width ``hidden``: on 8×8 digits it is several times cheaper per step than the one-stage CNN, which is why it is
+    the default there (``backbone`` overrides the choice). No normalisation layers: f is trained on mixed inputs and
+    evaluated on clean ones, and BatchNorm statistics would differ between the two. Both end in
+    ``Linear(hidden, L·D)`` and :class:`HeadNorm`.
 
     Args:
         input_shape: Shape of one input without the batch dimension.
@@ -128,14 +133,22 @@ def default_kernel_net(
         scale: Per-head feature norm; the paper's code uses 0.1 with σ² = 1 (see :class:`~lightning_xai.gpex.
             surrogate.GPEXSurrogate`).
         width: Channels of the first CNN stage.
-        hidden: Width of the last hidden layer.
+        hidden: Width of the last hidden layer (of both MLP layers).
+        backbone: ``"cnn"``, ``"mlp"``, or ``"auto"``: the CNN for ``(C, H, W)`` inputs with ``min(H, W) >= 16``,
+            the MLP otherwise.
     """
     shape = tuple(int(s) for s in input_shape)
-    if len(shape) == 3:
-        backbone, out = _cnn_backbone(shape, int(width), int(hidden))
+    if backbone not in ("auto", "cnn", "mlp"):
+        raise ValueError(f"backbone={backbone!r} must be 'auto', 'cnn' or 'mlp'")
+    if backbone == "auto":
+        backbone = "cnn" if len(shape) == 3 and min(shape[1:]) >= _MIN_CNN_SIDE else "mlp"
+    if backbone == "cnn":
+        if len(shape) != 3:
+            raise ValueError(f"backbone='cnn' needs (C, H, W) inputs, got {shape}")
+        net, out = _cnn_backbone(shape, int(width), int(hidden))
     else:
-        backbone, out = _mlp_backbone(shape, int(hidden))
-    return KernelMap(backbone, out, heads=heads, dim=dim, scale=scale)
+        net, out = _mlp_backbone(shape, int(hidden))
+    return KernelMap(net, out, heads=heads, dim=dim, scale=scale)
 
 
 def heads_first(u: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,8 @@ import time
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import quiet_trainer, read_events
+from conftest import loaders, quiet_trainer, read_events
+from digit_net import DigitNet
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -21,32 +21,6 @@ from lightning_xai.gpex import GPEX, SurrogateFidelity, fidelity
 from lightning_xai.models import MLP
 
 EPOCHS = 12
-
-
-class DigitNet(L.LightningModule):
-    """A digits CNN unlike the library's SmallCNN: two conv-BN-ReLU-pool blocks, then a two-layer classifier."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(12, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(), nn.MaxPool2d(2),
-        )  # fmt: skip
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(96, 48), nn.ReLU(), nn.Linear(48, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.body(x))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch[0], batch[1]
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch[0], batch[1]
-        self.log("val/acc", (self(x).argmax(-1) == y).float().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=3e-3)
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -114,7 +88,8 @@ def test_explain_and_neighbours_equal_brute_force(cotrained):
         # the cached rows are the kernel net at the stored inputs (refit before the last validation)
         fresh = surrogate.kernel_net(cache.inputs[cache.filled]).double()
         assert torch.allclose(fresh, cache.U[cache.filled].double(), atol=1e-5)
-    assert gpex.inducing_inputs(e.neighbours).shape == (16, 10, 1, 8, 8)
+    # neighbours come with the examples themselves (the stored inputs at those slots)
+    assert e.examples.shape == (16, 10, 1, 8, 8) and torch.equal(e.examples, cache.inputs[order])
     # the GP means agree with the reported validation fidelity
     assert fidelity(e.mean, e.output)["pearson"] > 0.9
 
@@ -203,7 +178,7 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path):
 
 
 def test_submodule_layer_with_dataset_indices(tmp_path):
-    """layer= explains a submodule (its input → its output); index_fn makes slots dataset indices."""
+    """layer= explains a submodule (its input → its output); with index_fn neighbours are named by dataset index."""
     dm = DigitsDataModule()
     dm.setup()
     x, y = dm.train_dataset.tensors
@@ -218,11 +193,15 @@ def test_submodule_layer_with_dataset_indices(tmp_path):
     assert gpex._shapes["input_shape"] == [24, 2, 2] and gpex._shapes["heads"] == 10
     assert gpex.steps == 8  # every other batch is a matching step; the others only refresh their rows
     cache = gpex.surrogate.cache
-    assert torch.equal(cache.filled.nonzero().squeeze(1), cache.index[cache.filled])
-    assert 8 * 64 < int(cache.filled.sum()) <= 16 * 64  # two shuffled epochs of 8 batches, one slot per example
+    assert int(cache.filled.sum()) == 8 * 64  # slots are stream positions: the epoch's 8 batches, one slot each
     assert set(cache.index[cache.filled].tolist()) <= set(index.tolist())
     e = gpex.explain(x[:3], k=4)
     assert e.mean.shape == (3, 10) and set(e.neighbours.flatten().tolist()) <= set(index.tolist())
+    # each named neighbour is the example stored with that index
+    named = {int(i): n for i, n in zip(index, range(len(index)))}
+    for row, names in zip(e.examples, e.neighbours):
+        for example, name in zip(row, names):
+            assert torch.equal(example, x[named[int(name)]])
     scalars, images = read_events(tmp_path)
     assert images == {"gpex/neighbours": 2} and len(scalars["gpex/pearson"]) == 2
 
@@ -244,6 +223,26 @@ def test_post_hoc_and_tabular_inputs(tmp_path):
     assert images == {"gpex/neighbours": 2}
 
 
+def test_without_stored_inputs_the_cache_keeps_only_features_targets_and_indices(tmp_path):
+    """store_inputs=False (for data sets whose inputs would not fit): no inputs cached, neighbours named by index."""
+    train, val = loaders(n_train=256, n_val=64)
+    indexed = DataLoader(
+        TensorDataset(*train.dataset.tensors, torch.arange(256) + 1000), batch_size=64, shuffle=True
+    )
+    gpex = GPEX(store_inputs=False, refit_each_epoch=False, index_fn=lambda batch: batch[2], probe_size=2)
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[gpex], logger=logger)
+    trainer.fit(DigitNet(), indexed, val)
+    cache = gpex.surrogate.cache
+    assert cache.inputs.numel() == 0 and cache.num_filled == 256 and gpex.refits == 0
+    e = gpex.explain(val.dataset.tensors[0][:3], k=4)
+    assert e.examples is None and set(e.neighbours.flatten().tolist()) <= set(range(1000, 1256))
+    with pytest.raises(RuntimeError, match="store_inputs=False"):
+        gpex.refit()
+    _, images = read_events(tmp_path)
+    assert images == {"gpex/neighbours": 2}  # drawn as a table of names and scores
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -255,6 +254,7 @@ def test_post_hoc_and_tabular_inputs(tmp_path):
         ({"every_n_steps": 0}, "every_n_steps=0"),
         ({"refit_each_epoch": "yes"}, "refit_each_epoch='yes'"),
         ({"index_fn": 3}, "index_fn=3"),
+        ({"store_inputs": False}, "refit_each_epoch=True.*store_inputs=False"),
         ({"kernel_net": "resnet"}, "kernel_net=str"),
         ({"probe_size": -1}, "probe_size=-1"),
     ],
@@ -268,9 +268,6 @@ def test_bad_configurations_fail_at_setup(tmp_path):
     trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[GPEX(layer="classifer.3")])
     with pytest.raises(LayerNotFoundError, match="'classifier.3'"):
         trainer.fit(DigitNet(), datamodule=DigitsDataModule())
-    ddp = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False)
-    with pytest.raises(ValueError, match="world_size=2.*devices=1.*fit_explainers"):
-        GPEX().setup(ddp, DigitNet(), "fit")
     with pytest.raises(RuntimeError, match="not been trained"):
         GPEX().explain(torch.rand(2, 1, 8, 8), model=DigitNet())
 

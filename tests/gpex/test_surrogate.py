@@ -103,7 +103,9 @@ def test_rank_b_updates_match_refresh() -> None:
 def test_matching_loss_gradient_flows_only_through_batch_rows() -> None:
     M, B, noise = 60, 8, 0.2
     net = _tiny_net().double()
-    gp = GPEXSurrogate(net, cache_size=M, noise=noise, storage_dtype=torch.float64, var_clamp=(1e-5, 50.0))
+    gp = GPEXSurrogate(
+        net, cache_size=M, noise=noise, storage_dtype=torch.float64, var_clamp=(1e-5, 50.0), holdout_weight=0.0
+    )  # the paper's loss alone
     g = torch.Generator().manual_seed(4)
     x_all = torch.randn(M, 6, generator=g, dtype=torch.float64)
     v_all = torch.randn(M, L, generator=g, dtype=torch.float64)
@@ -127,6 +129,24 @@ def test_matching_loss_gradient_flows_only_through_batch_rows() -> None:
     mean, var, _, _ = _dense_posterior(U_eff, V_eff, net(x_mix), noise)
     var = var.detach().clamp(1e-5, 50.0)
     ref = (0.5 * (targets - mean) ** 2 / var + 0.5 * var.log()).sum(-1).mean()
+    ref_grads = torch.autograd.grad(ref, list(net.parameters()))
+    assert torch.allclose(loss, ref, rtol=1e-10)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, rtol=1e-7, atol=1e-10)
+
+    # the leave-batch-out term: the batch's clean examples, predicted by a dense GP without the batch's rows
+    gp.holdout_weight = 2.0
+    loss = gp.matching_loss(x_mix, targets, slots, x_all[slots], v_new)
+    grads = torch.autograd.grad(loss, list(net.parameters()))
+    keep = torch.ones(M, dtype=torch.bool)
+    keep[slots] = False
+    mean, var, _, _ = _dense_posterior(gp.cache.U[keep], gp.cache.V[keep], net(x_all[slots]), noise)
+    var = var.detach().clamp(1e-5, 50.0)
+    held = 2.0 * (0.5 * (v_new - mean) ** 2 / var + 0.5 * var.log()).sum(-1).mean()
+    U_eff = gp.cache.U.clone().index_put((slots,), net(x_all[slots]))
+    mean, var, _, _ = _dense_posterior(U_eff, V_eff, net(x_mix), noise)
+    var = var.detach().clamp(1e-5, 50.0)
+    ref = (0.5 * (targets - mean) ** 2 / var + 0.5 * var.log()).sum(-1).mean() + held
     ref_grads = torch.autograd.grad(ref, list(net.parameters()))
     assert torch.allclose(loss, ref, rtol=1e-10)
     for a, b in zip(grads, ref_grads):
@@ -227,7 +247,7 @@ def test_gp_matches_a_frozen_digits_classifier() -> None:
 
     start = time.perf_counter()
     f = default_kernel_net((1, 8, 8), heads=10)  # CNN kernel net, scale 1, σ² 1
-    gp = GPEXSurrogate(f, cache_size=len(train), refresh_every=10)
+    gp = GPEXSurrogate(f, cache_size=len(train), refresh_every=0.5)
     xt, vt, xv, vv = x[train], net(x[train]), x[val], net(x[val])
 
     def reembed() -> None:
