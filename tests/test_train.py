@@ -83,7 +83,7 @@ GROUP_OPTIONS = [(group, option) for group in GROUPS for option in _options(grou
 def test_the_groups_hold_the_documented_options():
     assert {"digits", "breast_cancer", "mnist", "fashion_mnist", "cifar10"} <= set(_options("data"))
     assert {"cnn", "mlp"} <= set(_options("model"))
-    assert {"default", "none", "cladec", "linearization", "insens", "dmmmen"} <= set(_options("callbacks"))
+    assert {"default", "none", "cladec", "linearization", "insens", "dmmmen", "gpex"} <= set(_options("callbacks"))
     assert {"default", "cpu", "gpu", "ddp_cpu"} <= set(_options("trainer"))
     assert {"tensorboard", "csv", "none"} <= set(_options("logger"))
     assert {"quick", "cladec_alpha"} <= set(_options("experiment"))
@@ -113,7 +113,7 @@ def test_callbacks_list_replaces_the_default_selection(tmp_path):
         "lr_monitor:\n  _target_: lightning.pytorch.callbacks.LearningRateMonitor\n"
     )
     searchpath = f"hydra.searchpath=[file://{tmp_path / 'user'}]"
-    assert set(_compose(tmp_path, searchpath).callbacks) == {"cladec", "linearization", "insens", "dmmmen"}
+    assert set(_compose(tmp_path, searchpath).callbacks) == {"cladec", "linearization", "insens", "dmmmen", "gpex"}
     assert set(_compose(tmp_path, searchpath, "callbacks=[lr_monitor]").callbacks) == {"lr_monitor"}
     assert set(_compose(tmp_path, searchpath, "callbacks=[lr_monitor,cladec]").callbacks) == {"lr_monitor", "cladec"}
     assert set(_compose(tmp_path, "callbacks=[cladec]").callbacks) == {"cladec"}
@@ -248,10 +248,11 @@ def test_wheel_ships_the_configs_and_the_console_script(tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == "Inspect this run: tensorboard --logdir run"
     scalars, images = read_events(run_dir)  # the main job's event file holds ClaDec's scalars and images
     expected = {"val/acc", "cladec/rec_loss", "refae/rec_loss", "cladec/acc_on_recon", "refae/acc_on_recon",
-                "linearization/residual_max", "linearization/deletion_auc_wx", "insens/deletion_auc_insens"}
+                "linearization/residual_max", "linearization/deletion_auc_wx", "insens/deletion_auc_insens",
+                "gpex/agreement", "gpex/pearson"}
     assert expected <= set(scalars)
     # experiment=quick: two validation epochs, one image per callback and epoch
     # DMMMEN reports every 5 epochs and after training: here only its final fit
-    assert images == {"cladec/probes": 2, "linearization/probes": 2, "insens/probes": 2,
+    assert images == {"cladec/probes": 2, "linearization/probes": 2, "insens/probes": 2, "gpex/neighbours": 2,
                       "dmmmen/components": 1, "dmmmen/weights": 1}
     assert "dmmmen/final_r2" in scalars

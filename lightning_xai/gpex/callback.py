@@ -37,7 +37,7 @@ gives it (≈ M/world), G and c are all-reduced sums of every rank's D×D update
 averaged, so f, G and c are equal on every rank after every step. Neighbour search merges each rank's top k
 (:mod:`lightning_xai.gpex.sharding`); a checkpoint stores the cache in a world-size-independent order, so a run saved on
 2 devices resumes on 1 and vice versa. Per rank the cache costs ``(M/world)·(4·L·D + 4·L + input bytes + 9)`` bytes;
-a step sends ``8·L·(D(D+1)/2 + D) + 16`` bytes for G and c plus the kernel net's gradients (module README: the
+a step sends ``8·L·(D(D+1)/2 + D) + 16`` bytes for G and c plus the kernel net's gradients (the README has the
 figures at ImageNet scale).
 """
 
