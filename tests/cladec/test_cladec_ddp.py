@@ -1,12 +1,17 @@
-"""ClaDec under DDP on CPU (gloo): decoders stay identical on both ranks and images are written once."""
+"""ClaDec under DDP on CPU (gloo): decoders stay identical on both ranks, images are written once, and two processes
+report the scalars one process reports."""
+
+import copy
 
 import lightning as L
 import pytest
 import torch
 from conftest import quiet_trainer, read_events
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_xai import ClaDec
+from lightning_xai._core.probe import ProbeSet
 from lightning_xai.data import DigitsDataModule
 from lightning_xai.models import SmallCNN
 
@@ -37,3 +42,33 @@ def test_cladec_ddp_two_cpu_processes(tmp_path):
     scalars, images = read_events(tmp_path)
     assert images == {"cladec/probes": 2}  # rank zero only, once per epoch
     assert len(scalars["cladec/rec_loss"]) == 2 and len(scalars["refae/rec_loss"]) == 2
+
+
+def _validate(tmp_path, model, cladec, loader, **kwargs) -> dict[str, float]:
+    trainer = quiet_trainer(tmp_path, callbacks=[cladec], **kwargs)
+    trainer.validate(model, loader, verbose=False)
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("cladec/", "refae/"))}
+
+
+@pytest.mark.slow
+def test_two_processes_score_what_one_process_scores(tmp_path):
+    """A trained ClaDec validated on 2 processes (each scoring half of the validation set) reports the scalars one
+    process reports on all of it."""
+    L.seed_everything(0)
+    dm = DigitsDataModule()
+    model = SmallCNN()
+    cladec = ClaDec(layer="features.7", every_n_steps=1, probe_size=2, metric_size=128)
+    quiet_trainer(tmp_path, max_epochs=2, limit_train_batches=8, callbacks=[cladec]).fit(model, datamodule=dm)
+    x, y = dm.val_dataset.tensors
+    loader = DataLoader(TensorDataset(x[:40], y[:40]), batch_size=10)
+
+    def fresh() -> ClaDec:
+        twin = copy.deepcopy(cladec)
+        twin.examples = ProbeSet(twin.examples.size)  # each run draws its metric set from what it validates
+        return twin
+
+    single = _validate(tmp_path / "one", model, fresh(), loader)
+    double = _validate(tmp_path / "two", model, fresh(), loader, strategy="ddp_spawn", devices=2)
+    assert len(single) >= 4 and set(single) == set(double)
+    for key, value in single.items():
+        assert double[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
