@@ -113,7 +113,18 @@ class DMMMEN(ExplainerCallback):
         if self._surrogate is None:
             n_components, n_nets, seed = self._surrogate_args
             self._surrogate = DMMMENSurrogate(n_components, n_nets, seed=seed)
+            pickled = self.__dict__.pop("_pickled_surrogate", None)
+            if pickled is not None:
+                self._surrogate.load_state_dict(pickled)
         return self._surrogate
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a fitted surrogate travels as its state dict: its torch.Generator cannot cross ddp_spawn's pickling
+        state = self.__dict__.copy()
+        if state.get("_surrogate") is not None:
+            state["_pickled_surrogate"] = state.pop("_surrogate").state_dict()
+            state["_surrogate"] = None
+        return state
 
     # ------------------------------------------------------------------ collecting
     def train_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
@@ -148,21 +159,27 @@ class DMMMEN(ExplainerCallback):
         with torch.no_grad(), eval_mode(self.model):
             return torch.cat([self.model(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
 
-    def _gathered_pool(self, trainer: pl.Trainer | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The reservoirs of every process, concatenated (a collective under DDP)."""
-        if trainer is None or trainer.world_size == 1:
-            return self._pool, self._labels
-        parts: list[Any] = [None] * trainer.world_size
-        dist.all_gather_object(parts, (self._pool, self._labels))
+    def _gathered(
+        self, trainer: pl.Trainer | None, x: torch.Tensor | None, y: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Every process's rows (a collective under DDP) in a canonical order: distinct inputs, sorted.
+
+        The order and the duplicates a sampler deals out then no longer matter: a fit or a score on the same examples
+        is the same on one process or many.
+        """
+        parts: list[Any] = [(x, y)]
+        if trainer is not None and trainer.world_size > 1:
+            parts = [None] * trainer.world_size
+            dist.all_gather_object(parts, (x, y))
         xs = [p for p, _ in parts if p is not None]
         ys = [q for _, q in parts if q is not None]
         if not xs:
             return None, None
-        return torch.cat(xs), (torch.cat(ys) if len(ys) == len(xs) else None)
+        return canonical_rows(torch.cat(xs), torch.cat(ys) if len(ys) == len(xs) else None)
 
     def refit(self, trainer: pl.Trainer | None = None, device: torch.device | str = "cpu") -> None:
         """(Re)fit the surrogate on the current network's outputs for the stored inputs of the class."""
-        pool, labels = self._gathered_pool(trainer)
+        pool, labels = self._gathered(trainer, self._pool, self._labels)
         rank_zero = trainer is None or trainer.is_global_zero
         if rank_zero and pool is not None:
             x_class, _ = self._class_inputs(pool.to(device), labels)
@@ -183,18 +200,24 @@ class DMMMEN(ExplainerCallback):
     # ------------------------------------------------------------------ reports
     def report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.refit(trainer, pl_module.device)
-        if self.fits == 0 or self.examples.inputs is None:
+        examples = self._gathered(trainer, self.examples.inputs, self.examples.targets)  # every process's metric set
+        if self.fits == 0 or examples[0] is None:
             rank_zero_info(f"DMMMEN: not enough examples of class {self.target_class} yet; nothing to report")
             return
-        log_scalars(pl_module, {self.tag(k): v for k, v in self.evaluate(pl_module.device).items()})
+        log_scalars(pl_module, {self.tag(k): v for k, v in self.evaluate(pl_module.device, *examples).items()})
         if trainer.is_global_zero:
             self.draw(trainer)
 
-    def evaluate(self, device: torch.device | str = "cpu") -> dict[str, float]:
-        """Held-out fidelity, interval coverage, occupancy and the bootstrap tests on the validation inputs."""
-        assert self.examples.inputs is not None and self.selector is not None
-        x = self.examples.inputs.to(device)
-        labels = None if self.examples.targets is None else self.examples.targets.to(device)
+    def evaluate(
+        self, device: torch.device | str = "cpu", x: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> dict[str, float]:
+        """Held-out fidelity, interval coverage, occupancy and the bootstrap tests on validation inputs ``x`` (default:
+        this process's metric set) with their ``labels``."""
+        if x is None:
+            x, labels = self.examples.inputs, self.examples.targets
+        assert x is not None and self.selector is not None
+        x = x.to(device)
+        labels = None if labels is None else labels.to(device)
         x_class, x_other = self._class_inputs(x, labels)
         if x_class.shape[0] < 2:
             return {"occupied": float(self.surrogate.components.occupied.sum())}
@@ -250,8 +273,9 @@ class DMMMEN(ExplainerCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A last fit on the final network, logged straight to the loggers (``self.log`` is closed here)."""
         self.refit(trainer, pl_module.device)
-        if self.fits and self.examples.inputs is not None:
-            values = {self.tag(f"final_{k}"): v for k, v in self.evaluate(pl_module.device).items()}
+        examples = self._gathered(trainer, self.examples.inputs, self.examples.targets)
+        if self.fits and examples[0] is not None:
+            values = {self.tag(f"final_{k}"): v for k, v in self.evaluate(pl_module.device, *examples).items()}
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=trainer.global_step)
             if trainer.is_global_zero:
@@ -297,3 +321,13 @@ class DMMMEN(ExplainerCallback):
     def load_explainer_state(self, state: dict[str, Any]) -> None:
         self._load_fit(state)
         self._pool, self._labels, self._seen = state["pool"], state["labels"], int(state["seen"])
+
+
+def canonical_rows(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The distinct rows of ``x`` in lexicographic order (with the label of each one's first occurrence)."""
+    if x.shape[0] == 0:
+        return x, y
+    _, inverse = torch.unique(x.reshape(x.shape[0], -1), dim=0, return_inverse=True)
+    positions = torch.arange(x.shape[0])
+    first = torch.full((int(inverse.max()) + 1,), x.shape[0]).scatter_reduce(0, inverse, positions, reduce="amin")
+    return x[first], None if y is None else y[first]
