@@ -25,7 +25,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_xai._core.batch import BatchFn
 from lightning_xai._core.callback import ExplainerCallback
@@ -106,6 +106,7 @@ class DMMMEN(ExplainerCallback):
         self._labels: torch.Tensor | None = None
         self._seen = 0
         self.fits = 0
+        self.skipped_rows = 0  # training inputs left out of the reservoir for holding NaN/Inf
 
     @property
     def surrogate(self) -> DMMMENSurrogate:
@@ -130,6 +131,12 @@ class DMMMEN(ExplainerCallback):
     def train_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         x, y = self.batches.input(batch).detach().cpu(), self.batches.target(batch)
         y = None if y is None else y.detach().cpu()
+        finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
+        if not bool(finite.all()):  # a NaN/Inf input would make every later fit fail: keep it out of the reservoir
+            if self.skipped_rows == 0:
+                rank_zero_warn("DMMMEN: skipped training inputs holding NaN/Inf (counted in skipped_rows).")
+            self.skipped_rows += int((~finite).sum())
+            x, y = x[finite], None if y is None else y[finite]
         with self.rng.active():  # reservoir sampling (Vitter's algorithm R) from the private stream
             for i in range(x.shape[0]):
                 self._seen += 1
@@ -190,6 +197,8 @@ class DMMMEN(ExplainerCallback):
                     self.selector.fit(x_class.cpu())
                 features = self.selector.transform(x_class.cpu()).double()
                 target = class_logit(self._logits(x_class), self.target_class).double().cpu()
+                finite = torch.isfinite(target)  # the network's output may have turned non-finite on some inputs
+                features, target = features[finite], target[finite]
                 sweeps = self.sweeps if self.fits == 0 else self.refit_sweeps
                 self.surrogate.fit(features, target, sweeps=sweeps, warm_start=self.fits > 0,
                                    time_budget=self.time_budget, progress=self.progress)
@@ -315,12 +324,13 @@ class DMMMEN(ExplainerCallback):
 
     def explainer_state(self) -> dict[str, Any]:
         state = self._fit_state()
-        state.update(pool=self._pool, labels=self._labels, seen=self._seen)
+        state.update(pool=self._pool, labels=self._labels, seen=self._seen, skipped_rows=self.skipped_rows)
         return state
 
     def load_explainer_state(self, state: dict[str, Any]) -> None:
         self._load_fit(state)
         self._pool, self._labels, self._seen = state["pool"], state["labels"], int(state["seen"])
+        self.skipped_rows = int(state.get("skipped_rows", 0))
 
 
 def canonical_rows(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -126,3 +126,14 @@ def test_two_processes_report_what_one_process_reports(tmp_path):
     assert len(single) >= 5 and set(single) == set(double)
     for key, value in single.items():
         assert double[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+def test_non_finite_training_inputs_stay_out_of_the_reservoir():
+    dmm = DMMMEN(target_class=1, sweeps=5, progress=False)
+    x, y = torch.rand(6, 1, 8, 8), torch.ones(6, dtype=torch.long)
+    x[2, 0, 3, 3], x[4, 0, 0, 0] = float("nan"), float("inf")
+    with pytest.warns(UserWarning, match="NaN/Inf"):
+        dmm.train_batch(None, None, (x, y))
+    dmm.train_batch(None, None, (x, y))  # warned once; counted again
+    assert dmm.skipped_rows == 4 and dmm._pool.shape[0] == 8
+    assert torch.isfinite(dmm._pool).all() and torch.equal(dmm._pool[:4], x[[0, 1, 3, 5]])
