@@ -35,7 +35,7 @@ from lightning_xai._core.distributed import all_reduce_
 
 __all__ = ["InducingCache"]
 
-_REFRESH_CHUNK = 65536
+_REFRESH_CHUNK = 16384
 _ROW_BUFFERS = ("U", "V", "filled", "index", "inputs")
 
 
@@ -253,10 +253,10 @@ class InducingCache(nn.Module):
         self.c.zero_()
         for start in range(0, self.capacity, _REFRESH_CHUNK):
             rows = slice(start, start + _REFRESH_CHUNK)
-            mask = self.filled[rows].to(torch.float64)
-            u = self.U[rows].double() * mask[:, None, None]
+            filled = self.filled[rows]
+            u = self.U[rows][filled].double()  # one float64 copy of the chunk's filled rows
             self.G.add_(_gram(u))
-            self.c.add_(_cross(u, self.V[rows].double()))
+            self.c.add_(_cross(u, self.V[rows][filled].double()))
         self.total_filled.fill_(float(self.filled.sum()))
         self.rewritten.zero_()
         if self.sharded:
