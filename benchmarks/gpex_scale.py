@@ -79,6 +79,7 @@ from dataclasses import dataclass
 import gpytorch
 import lightning
 import torch
+from _rss import current_rss, reset_peak_rss
 from torch import nn
 
 from lightning_xai.gpex import GPEX, GPEXSurrogate, HeadNorm, InducingCache
@@ -111,22 +112,6 @@ class Clock:
         fn()
         self.sync()
         return self.now() - start
-
-
-def current_rss() -> int:
-    """Resident set size of this process in bytes."""
-    with open("/proc/self/status") as status:
-        return 1024 * next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (and so ``ru_maxrss``) to the current RSS; False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")
-        return True
-    except OSError:
-        return False
 
 
 @dataclass

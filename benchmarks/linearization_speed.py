@@ -33,6 +33,7 @@ import time
 
 import torch
 from _digits import trained_digits_cnn
+from _rss import current_rss, reset_peak_rss
 
 from lightning_xai.linearization import linearize
 
@@ -82,21 +83,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def current_rss_kib() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (and so ``ru_maxrss``) to the current RSS; False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def peak_memory_increase(model: torch.nn.Module, x: torch.Tensor, chunk_size: int | None) -> tuple[float, str]:
     """Growth of the process's peak memory during one ``linearize`` call, in bytes, and how it was measured."""
     if x.device.type == "cuda":
@@ -109,7 +95,8 @@ def peak_memory_increase(model: torch.nn.Module, x: torch.Tensor, chunk_size: in
         return float(torch.cuda.max_memory_allocated() - before), "torch.cuda.max_memory_allocated - allocated before"
     # tracemalloc does not see torch's CPU allocations, so use the kernel's peak RSS (ru_maxrss, KiB on Linux)
     if reset_peak_rss():
-        before, how = current_rss_kib(), "ru_maxrss after - RSS before, high-water mark reset via /proc/self/clear_refs"
+        before = current_rss() // 1024
+        how = "ru_maxrss after - RSS before, high-water mark reset via /proc/self/clear_refs"
     else:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         how = "ru_maxrss after - ru_maxrss before: a lower bound (the earlier peak may cover part of the call)"
