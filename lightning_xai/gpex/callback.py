@@ -501,7 +501,6 @@ class GPEX(ExplainerCallback):
                     u = surrogate.features(gp_in.float())
                 surrogate.update_rows(slots, u, v, inputs=x, index=index)
                 return None
-            self.steps += 1
             first = _first_occurrences(slots)  # the gradient-carrying rows must be distinct slots
             if first is not None:
                 x, gp_in, v, slots = x[first], gp_in[first], v[first], slots[first]
@@ -509,22 +508,14 @@ class GPEX(ExplainerCallback):
             with self.rng.active(x.device):  # dropout in a user's kernel net draws from the private stream
                 mixed = surrogate.mix(gp_in.float())
                 targets = self._g(mixed.to(gp_in.dtype))
-                out = surrogate.match(mixed, targets, slots, gp_in.float(), v)
-                params = [p for group in self._optimizer.param_groups for p in group["params"]]
-                if not owned_step(out.loss, params, self._optimizer):
-                    self._skip("its gradients")
-            loss = out.loss.detach()
-            if torch.isfinite(loss):
-                self._losses.to(loss.device).update({self.tag("match_loss"): loss}, weight=x.shape[0])
-            surrogate.update_rows(slots, out.inducing_features, v, inputs=x, index=index)
-        return loss
+                return self._match_and_store(x, gp_in, v, slots, index, mixed, targets)
 
     def _fused_match_step(self, x: torch.Tensor, slots: torch.Tensor, index: torch.Tensor | None) -> Any:
         """:meth:`fit_step` with ``match=True`` when the whole model is explained (its input is the GP's input): one
         forward of the model gives both the batch's targets and the mixture's. Returns ``_FALL_BACK`` (nothing
         changed) when a row is non-finite, for the general path's filtering."""
         surrogate = self.surrogate
-        assert surrogate is not None and self._optimizer is not None and self._losses is not None
+        assert surrogate is not None
         slots = slots.to(surrogate.cache.U.device)
         if not bool(torch.isfinite(x).all()):
             return _FALL_BACK
@@ -542,16 +533,36 @@ class GPEX(ExplainerCallback):
                 surrogate._generator.set_state(state)  # the general path mixes the finite rows afresh
                 return _FALL_BACK
             self._dirty = True
-            self.steps += 1
-            out = surrogate.match(mixed, targets, slots, x.float(), v)
-            params = [p for group in self._optimizer.param_groups for p in group["params"]]
-            if not owned_step(out.loss, params, self._optimizer):
-                self._skip("its gradients")
+            return self._match_and_store(x, x, v, slots, index, mixed, targets)
+
+    def _match_and_store(
+        self,
+        x: torch.Tensor,
+        gp_in: torch.Tensor,
+        v: torch.Tensor,
+        slots: torch.Tensor,
+        index: torch.Tensor | None,
+        mixed: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        """One kernel-net step on the matching loss, then the batch's rows written to the cache; returns the loss."""
+        surrogate = self.surrogate
+        assert surrogate is not None and self._optimizer is not None and self._losses is not None
+        self.steps += 1
+        out = surrogate.match(mixed, targets, slots, gp_in.float(), v)
+        if not owned_step(out.loss, self._params, self._optimizer):
+            self._skip("its gradients")
         loss = out.loss.detach()
         if torch.isfinite(loss):
-            self._losses.to(loss.device).update({self.tag("match_loss"): loss}, weight=n)
+            self._losses.to(loss.device).update({self.tag("match_loss"): loss}, weight=x.shape[0])
         surrogate.update_rows(slots, out.inducing_features, v, inputs=x, index=index)
         return loss
+
+    @property
+    def _params(self) -> list[nn.Parameter]:
+        """The kernel net's parameters the optimiser steps."""
+        assert self._optimizer is not None
+        return [p for group in self._optimizer.param_groups for p in group["params"]]
 
     def _sit_out(self, surrogate: GPEXSurrogate, match: bool) -> None:
         """Take part in a step's collectives with nothing to contribute (sharded runs; no-op in one process)."""
@@ -559,9 +570,8 @@ class GPEX(ExplainerCallback):
             return
         if match:
             self.steps += 1
-            params = [p for group in self._optimizer.param_groups for p in group["params"]]
-            zero = sum((p * 0).sum() for p in params)  # zero gradients, averaged in with the other ranks'
-            owned_step(zero, params, self._optimizer)
+            zero = sum((p * 0).sum() for p in self._params)  # zero gradients, averaged in with the other ranks'
+            owned_step(zero, self._params, self._optimizer)
         empty = surrogate.cache.U.new_zeros(0, surrogate.heads, surrogate.dim)
         surrogate.update_rows(torch.zeros(0, dtype=torch.long), empty, empty[..., 0])
 
