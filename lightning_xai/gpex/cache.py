@@ -196,7 +196,7 @@ class InducingCache(nn.Module):
             delta_g = _gram(new_u.double()) - _gram(old_u)
             delta_c = _cross(new_u.double(), new_v.double()) - _cross(old_u, old_v)
             written, newly_filled = slots.numel(), int((~self.filled[slots]).sum())
-            self.overwrite(slots, new_u, new_v, inputs=inputs, index=index)
+            self._store(slots, new_u, new_v, inputs, index)
         self._add_to_sums(delta_g, delta_c, written, newly_filled)
         self.updates += 1
         if self.refresh_every is not None and float(self.rewritten) >= self.refresh_every * float(self.total_filled):
@@ -216,6 +216,17 @@ class InducingCache(nn.Module):
         if slots.numel() == 0:
             return
         self._grow(int(slots.max()) + 1)
+        self._store(slots, u_rows, v_rows, inputs, index)
+
+    def _store(
+        self,
+        slots: torch.Tensor,
+        u_rows: torch.Tensor,
+        v_rows: torch.Tensor,
+        inputs: torch.Tensor | None,
+        index: torch.Tensor | None,
+    ) -> None:
+        """Write rows at checked, allocated ``slots``."""
         self.U[slots] = u_rows.detach().to(device=self.U.device, dtype=self.U.dtype)
         self.V[slots] = v_rows.detach().to(device=self.V.device, dtype=self.V.dtype)
         self.filled[slots] = True
@@ -233,13 +244,15 @@ class InducingCache(nn.Module):
         if self.sharded:
             rows, cols = self._triu
             counts = delta_c.new_tensor([written, newly_filled])
-            packed = torch.cat([delta_g[:, rows, cols].reshape(-1), delta_c.reshape(-1), counts])
+            upper = delta_g[:, rows, cols]  # G is symmetric: its upper triangle is all a change needs to send
+            packed = torch.cat([upper.reshape(-1), delta_c.reshape(-1), counts])
             all_reduce_(packed)
-            upper = packed[: delta_g[:, rows, cols].numel()].view(self.heads, -1)
+            n = upper.numel()
+            upper = packed[:n].view_as(upper)
             delta_g = delta_g.new_zeros(delta_g.shape)
             delta_g[:, rows, cols] = upper
             delta_g[:, cols, rows] = upper
-            delta_c = packed[upper.numel() : upper.numel() + delta_c.numel()].view_as(delta_c)
+            delta_c = packed[n : n + delta_c.numel()].view_as(delta_c)
             written, newly_filled = float(packed[-2]), float(packed[-1])
         self.G.add_(delta_g)
         self.c.add_(delta_c)

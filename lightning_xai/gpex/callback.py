@@ -375,28 +375,18 @@ class GPEX(ExplainerCallback):
         self._optimizer = fast_adam(params, self.lr, device=device)
         if self._restored is not None:
             state, self._restored = self._restored, None
-            self.surrogate.load_state_dict(self._shard(state["surrogate"]))
+            self.surrogate.load_state_dict(shard_rows(state["surrogate"], self._rank, self._world, prefix="cache."))
             self._optimizer.load_state_dict(state["optimizer"])
         elif self._sharded:
             broadcast_module(net)  # a user's kernel net may have been initialised differently on each rank
         return self.surrogate
-
-    def _shard(self, surrogate_state: dict[str, Any]) -> dict[str, Any]:
-        """This rank's part of a checkpoint's surrogate state (whose cache rows are in global-position order)."""
-        prefix = "cache."
-        cache = {k[len(prefix) :]: v for k, v in surrogate_state.items() if k.startswith(prefix)}
-        cache = shard_rows(cache, self._rank, self._world)
-        return {**surrogate_state, **{prefix + k: v for k, v in cache.items()}}
 
     def _as_restorable_state(self) -> dict[str, Any]:
         """The surrogate and optimiser state with the cache rows in global-position order (a collective if sharded)."""
         assert self.surrogate is not None and self._optimizer is not None
         state = self.surrogate.state_dict()
         if self.surrogate.cache.sharded:
-            prefix = "cache."
-            cache = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            cache = gather_rows(cache, self._world)
-            state.update({prefix + k: v for k, v in cache.items()})
+            state = gather_rows(state, self._world, prefix="cache.")
         return {"surrogate": state, "optimizer": self._optimizer.state_dict()}
 
     def _ensure_built(self, gp_in: torch.Tensor, output: torch.Tensor) -> GPEXSurrogate:

@@ -86,16 +86,17 @@ def _best_columns(scores: torch.Tensor, positions: torch.Tensor, k: int) -> torc
     return by_position.gather(1, order)
 
 
-def gather_rows(state: dict[str, torch.Tensor], world: int) -> dict[str, torch.Tensor]:
+def gather_rows(state: dict[str, torch.Tensor], world: int, prefix: str = "") -> dict[str, torch.Tensor]:
     """The cache's row buffers from every rank, interleaved into global-position order (a collective).
 
-    ``state`` is this rank's ``InducingCache.state_dict()``; the returned dict is the same with ``U, V, filled,
-    index, inputs`` replaced by the whole training set's rows (position ``s·W + r`` holds rank r's slot s).
+    ``state`` is this rank's ``InducingCache.state_dict()`` (or a state holding it under ``prefix``, e.g. a
+    surrogate's with ``prefix="cache."``); the returned dict is the same with ``U, V, filled, index, inputs`` replaced
+    by the whole training set's rows (position ``s·W + r`` holds rank r's slot s).
     """
     out = dict(state)
-    for key in ROW_KEYS:
+    for key in (prefix + k for k in ROW_KEYS):
         local = state[key]
-        if key == "inputs" and local.dim() == 1 and local.numel() == 0:
+        if key.endswith("inputs") and local.dim() == 1 and local.numel() == 0:
             continue  # never allocated (no inputs stored)
         wire = local.to(torch.uint8) if local.dtype == torch.bool else local
         parts = all_gather_rows(wire)
@@ -109,12 +110,13 @@ def gather_rows(state: dict[str, torch.Tensor], world: int) -> dict[str, torch.T
     return out
 
 
-def shard_rows(state: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
-    """This rank's share of a global-order cache state: every ``world``-th row from ``rank`` (local slot = row // W)."""
+def shard_rows(state: dict[str, torch.Tensor], rank: int, world: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    """This rank's share of a global-order cache state (keys under ``prefix``, as in :func:`gather_rows`): every
+    ``world``-th row from ``rank`` (local slot = row // W)."""
     out = dict(state)
-    for key in ROW_KEYS:
+    for key in (prefix + k for k in ROW_KEYS):
         rows = state.get(key)
-        if rows is None or (key == "inputs" and rows.dim() == 1 and rows.numel() == 0):
+        if rows is None or (key.endswith("inputs") and rows.dim() == 1 and rows.numel() == 0):
             continue
         out[key] = rows[rank::world].clone()
     return out
