@@ -109,3 +109,23 @@ def read_events(log_dir) -> tuple[dict[str, list[tuple[int, float]]], dict[str, 
         for tag in acc.Tags()["images"]:
             images[tag] = images.get(tag, 0) + len(acc.Images(tag))
     return scalars, images
+
+
+def scalars_on_one_and_two_processes(tmp_path, model, callback, loader, prefixes: tuple[str, ...]):
+    """Validate ``model`` with a copy of a trained ``callback`` on one process, then on two (ddp_spawn, gloo).
+
+    Each copy starts with an empty metric set, so it draws it from what it validates (on two processes, each rank
+    from its half). Returns the logged scalars starting with ``prefixes``, as (one process, two processes).
+    """
+    import copy
+
+    from lightning_xai._core.probe import ProbeSet
+
+    def validate(root, **kwargs) -> dict[str, float]:
+        twin = copy.deepcopy(callback)
+        twin.examples = ProbeSet(twin.examples.size)
+        trainer = quiet_trainer(root, callbacks=[twin], **kwargs)
+        trainer.validate(model, loader, verbose=False)
+        return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefixes)}
+
+    return validate(tmp_path / "one"), validate(tmp_path / "two", strategy="ddp_spawn", devices=2)

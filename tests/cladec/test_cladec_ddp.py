@@ -1,17 +1,14 @@
 """ClaDec under DDP on CPU (gloo): decoders stay identical on both ranks, images are written once, and two processes
 report the scalars one process reports."""
 
-import copy
-
 import lightning as L
 import pytest
 import torch
-from conftest import quiet_trainer, read_events
+from conftest import quiet_trainer, read_events, scalars_on_one_and_two_processes
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_xai import ClaDec
-from lightning_xai._core.probe import ProbeSet
 from lightning_xai.data import DigitsDataModule
 from lightning_xai.models import SmallCNN
 
@@ -44,12 +41,6 @@ def test_cladec_ddp_two_cpu_processes(tmp_path):
     assert len(scalars["cladec/rec_loss"]) == 2 and len(scalars["refae/rec_loss"]) == 2
 
 
-def _validate(tmp_path, model, cladec, loader, **kwargs) -> dict[str, float]:
-    trainer = quiet_trainer(tmp_path, callbacks=[cladec], **kwargs)
-    trainer.validate(model, loader, verbose=False)
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("cladec/", "refae/"))}
-
-
 @pytest.mark.slow
 def test_two_processes_score_what_one_process_scores(tmp_path):
     """A trained ClaDec validated on 2 processes (each scoring half of the validation set) reports the scalars one
@@ -62,13 +53,7 @@ def test_two_processes_score_what_one_process_scores(tmp_path):
     x, y = dm.val_dataset.tensors
     loader = DataLoader(TensorDataset(x[:40], y[:40]), batch_size=10)
 
-    def fresh() -> ClaDec:
-        twin = copy.deepcopy(cladec)
-        twin.examples = ProbeSet(twin.examples.size)  # each run draws its metric set from what it validates
-        return twin
-
-    single = _validate(tmp_path / "one", model, fresh(), loader)
-    double = _validate(tmp_path / "two", model, fresh(), loader, strategy="ddp_spawn", devices=2)
+    single, double = scalars_on_one_and_two_processes(tmp_path, model, cladec, loader, ("cladec/", "refae/"))
     assert len(single) >= 4 and set(single) == set(double)
     for key, value in single.items():
         assert double[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key

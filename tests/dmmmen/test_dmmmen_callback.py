@@ -3,7 +3,7 @@
 import lightning as L
 import pytest
 import torch
-from conftest import quiet_trainer, read_events
+from conftest import quiet_trainer, read_events, scalars_on_one_and_two_processes
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_xai.data import DigitsDataModule
@@ -101,11 +101,7 @@ def test_ddp_gathers_the_reservoirs_and_shares_one_fit(tmp_path):
 def test_two_processes_report_what_one_process_reports(tmp_path):
     """A DMM-MEN fitted during training, validated again on 2 processes and on 1: the pooled examples and metric sets
     are gathered into one canonical set, so the refit and its scalars are those of one process."""
-    import copy
-
     from torch.utils.data import DataLoader, TensorDataset
-
-    from lightning_xai._core.probe import ProbeSet
 
     dmm = DMMMEN(target_class=1, every_n_epochs=1, sweeps=40, refit_sweeps=10, progress=False, metric_size=256)
     _, model = fit(tmp_path / "fit", [dmm], epochs=1, limit_train_batches=8)
@@ -114,15 +110,7 @@ def test_two_processes_report_what_one_process_reports(tmp_path):
     x, y = dm.val_dataset.tensors
     loader = DataLoader(TensorDataset(x[:120], y[:120]), batch_size=20)
 
-    def validate(root, **kwargs):
-        twin = copy.deepcopy(dmm)
-        twin.examples = ProbeSet(twin.examples.size)  # each run draws its metric set from what it validates
-        trainer = quiet_trainer(root, callbacks=[twin], **kwargs)
-        trainer.validate(model, loader, verbose=False)
-        return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("dmmmen/")}
-
-    single = validate(tmp_path / "one")
-    double = validate(tmp_path / "two", strategy="ddp_spawn", devices=2)
+    single, double = scalars_on_one_and_two_processes(tmp_path, model, dmm, loader, ("dmmmen/",))
     assert len(single) >= 5 and set(single) == set(double)
     for key, value in single.items():
         assert double[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
