@@ -162,7 +162,7 @@ class InducingCache(nn.Module):
         """Overwrite the rows at ``slots`` and apply the rank-B update to G and c.
 
         ``G ← G − U_oldᵀU_old + U_newᵀU_new`` and ``c ← c − U_oldᵀV_old + U_newᵀV_new`` per head, from the rows as
-        stored. Repeated slots keep their last row. Counts as one update for ``refresh_every``.
+        stored. Repeated slots keep their last row. Its rows count towards ``refresh_every``; sharded, a collective.
 
         Args:
             slots: (B,) slot numbers.
