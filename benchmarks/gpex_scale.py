@@ -6,7 +6,7 @@ Four sections, chosen with ``--sections`` (default ``algebra,step,svgp``; ``--fi
     The GP algebra alone, on random features (no kernel net): L heads, D features per head, a batch of B queries and
     B gradient-carrying inducing rows, M inducing points (M = 1,024 · 4^k up to ``--max-m``). One step is
     ``GPEXSurrogate.match`` with an identity kernel net (so ``features`` returns the given random features), which
-    runs ``InducingCache.effective`` + ``GPEXSurrogate.posterior`` + the matching loss; then ``loss.backward()``
+    runs ``InducingCache.swap`` + the posterior solve + the matching loss; then ``loss.backward()``
     into the two leaf feature tensors and the rank-B row write ``update_rows`` (``InducingCache.write``), exactly as
     the callback does. Every size's cache is built first; the median step time then comes from ``--repeats``
     rounds that time one step of every size in turn (interleaved, so a shared machine's drift hits all sizes
@@ -293,9 +293,9 @@ def algebra_step(surrogate: GPEXSurrogate, m: int, batch: int, gen: torch.Genera
     targets = torch.randn(batch, heads, generator=gen).to(device)
 
     def step() -> None:
-        out = surrogate.match(u_query, targets, slots, u_rows, v_rows)  # effective + posterior + loss
+        out = surrogate.match(u_query, targets, slots, u_rows, v_rows)  # swap + posterior + loss
         out.loss.backward()  # into the queries and the B gradient-carrying rows
-        surrogate.update_rows(slots, out.inducing_features, v_rows)  # rank-B write (+ any scheduled refresh)
+        surrogate.update_rows(slots, out.inducing_features, v_rows, swap=out.swap)  # rank-B write (+ any refresh)
 
     return step
 
@@ -353,7 +353,7 @@ def bench_algebra(args: argparse.Namespace, device: torch.device, clock: Clock) 
 def print_algebra(args: argparse.Namespace, rows: list[AlgebraRow], device: torch.device) -> None:
     print(f"## 1. GP algebra per step (L = {args.heads}, D = {args.dim}, B = {args.batch}, random features)\n")
     print(
-        "step = `match` (cache.effective + posterior + loss) + backward to u + `update_rows` (rank-B write). "
+        "step = `match` (cache.swap + posterior + loss) + backward to u + `update_rows` (rank-B write from the swap). "
         f"median: {args.repeats} rounds, the sizes interleaved in each. window mean: a run of consecutive steps "
         "started right after a refresh and as long as the cache's refresh period (writes, from its schedule; capped "
         "by --max-window), so it includes the periodic full refresh that `write` runs when due (counted in the "

@@ -28,12 +28,14 @@ the checkpoint's, so a round trip restores the cache exactly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from lightning_xai._core.distributed import all_reduce_
 
-__all__ = ["InducingCache"]
+__all__ = ["InducingCache", "RowSwap"]
 
 _REFRESH_CHUNK = 16384
 _ROW_BUFFERS = ("U", "V", "filled", "index", "inputs")
@@ -57,6 +59,34 @@ def _gram(u: torch.Tensor) -> torch.Tensor:
 def _cross(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Per-head ``Σ_b u_b v_b`` of ``(B, L, D)`` rows and ``(B, L)`` targets, ``(L, D)``."""
     return torch.einsum("bld,bl->ld", u, v)
+
+
+@dataclass
+class RowSwap:
+    """One batch of rows about to replace the cached rows at ``slots``: G and c with and without them (float64).
+
+    Made by :meth:`InducingCache.swap`; passing it to :meth:`InducingCache.write` with the same rows writes them
+    with the change ``delta_g``, ``delta_c`` it already holds instead of recomputing it.
+
+    Attributes:
+        slots: (B,) the distinct slots.
+        rows: (B, L, D) and ``targets`` (B, L): the new rows, detached.
+        G, c: the sums with the new rows in place of the stored ones; differentiable in the new feature rows.
+        G_without, c_without: the sums without the batch's rows at all (constants).
+        delta_g, delta_c: ``G − G_cache`` and ``c − c_cache``, detached: what writing the rows adds to the sums.
+        version: the cache's ``updates`` count when made (a write in between makes the swap stale).
+    """
+
+    slots: torch.Tensor
+    rows: torch.Tensor
+    targets: torch.Tensor
+    G: torch.Tensor
+    c: torch.Tensor
+    G_without: torch.Tensor
+    c_without: torch.Tensor
+    delta_g: torch.Tensor
+    delta_c: torch.Tensor
+    version: int
 
 
 class InducingCache(nn.Module):
@@ -116,6 +146,7 @@ class InducingCache(nn.Module):
         self.register_buffer("rewritten", torch.zeros((), dtype=torch.float64))
         rows, cols = torch.triu_indices(self.dim, self.dim)
         self._triu = (rows, cols)
+        self._version = 0  # bumped by every change of rows or sums: tells a RowSwap whether it still applies
 
     @property
     def capacity(self) -> int:
@@ -158,6 +189,7 @@ class InducingCache(nn.Module):
         v_rows: torch.Tensor,
         inputs: torch.Tensor | None = None,
         index: torch.Tensor | None = None,
+        swap: RowSwap | None = None,
     ) -> None:
         """Overwrite the rows at ``slots`` and apply the rank-B update to G and c.
 
@@ -170,6 +202,8 @@ class InducingCache(nn.Module):
             v_rows: (B, L) targets, the explained network's outputs at x̃.
             inputs: (B, ...) the examples themselves, kept when ``store_inputs``.
             index: (B,) dataset indices of the examples, when known.
+            swap: the :meth:`swap` made for exactly these slots and rows since the last change to the cache, whose
+                ``delta_g``, ``delta_c`` are then added instead of being recomputed (ignored when it does not apply).
         """
         slots = self._check_slots(slots)
         u_rows, v_rows = u_rows.detach(), v_rows.detach()
@@ -184,17 +218,22 @@ class InducingCache(nn.Module):
         delta_c = self.c.new_zeros(self.c.shape)
         written = newly_filled = 0
         if slots.numel():
-            slots, last = _last_occurrence(slots)
-            if last is not None:
-                u_rows, v_rows = u_rows[last], v_rows[last]
-                inputs = None if inputs is None else inputs[last]
-                index = None if index is None else torch.as_tensor(index, device=last.device).reshape(-1)[last]
+            reuse = swap is not None and self._swap_applies(swap, slots, u_rows, v_rows)
+            if not reuse:
+                slots, last = _last_occurrence(slots)
+                if last is not None:
+                    u_rows, v_rows = u_rows[last], v_rows[last]
+                    inputs = None if inputs is None else inputs[last]
+                    index = None if index is None else torch.as_tensor(index, device=last.device).reshape(-1)[last]
             self._grow(int(slots.max()) + 1)
             new_u = u_rows.to(device=self.U.device, dtype=self.U.dtype)
             new_v = v_rows.to(device=self.V.device, dtype=self.V.dtype)
-            old_u, old_v = self.U[slots].double(), self.V[slots].double()
-            delta_g = _gram(new_u.double()) - _gram(old_u)
-            delta_c = _cross(new_u.double(), new_v.double()) - _cross(old_u, old_v)
+            if reuse:
+                delta_g, delta_c = swap.delta_g, swap.delta_c
+            else:
+                old_u, old_v = self.U[slots].double(), self.V[slots].double()
+                delta_g = _gram(new_u.double()) - _gram(old_u)
+                delta_c = _cross(new_u.double(), new_v.double()) - _cross(old_u, old_v)
             written, newly_filled = slots.numel(), int((~self.filled[slots]).sum())
             self._store(slots, new_u, new_v, inputs, index)
         self._add_to_sums(delta_g, delta_c, written, newly_filled)
@@ -227,6 +266,7 @@ class InducingCache(nn.Module):
         index: torch.Tensor | None,
     ) -> None:
         """Write rows at checked, allocated ``slots``."""
+        self._version += 1
         self.U[slots] = u_rows.detach().to(device=self.U.device, dtype=self.U.dtype)
         self.V[slots] = v_rows.detach().to(device=self.V.device, dtype=self.V.dtype)
         self.filled[slots] = True
@@ -241,6 +281,7 @@ class InducingCache(nn.Module):
 
     def _add_to_sums(self, delta_g: torch.Tensor, delta_c: torch.Tensor, written: int, newly_filled: int) -> None:
         """Add a change of G and c (and of the counts) to the sums; all-reduced first when sharded."""
+        self._version += 1
         if self.sharded:
             rows, cols = self._triu
             counts = delta_c.new_tensor([written, newly_filled])
@@ -262,6 +303,7 @@ class InducingCache(nn.Module):
     @torch.no_grad()
     def refresh(self) -> None:
         """Recompute ``G = UᵀU`` and ``c = UᵀV`` from all filled rows (chunked, float64; summed over shards)."""
+        self._version += 1
         self.G.zero_()
         self.c.zero_()
         for start in range(0, self.capacity, _REFRESH_CHUNK):
@@ -282,6 +324,7 @@ class InducingCache(nn.Module):
     @torch.no_grad()
     def clear(self) -> None:
         """Empty every slot (rows to zero, ``filled`` false, G and c to zero); the capacity is kept."""
+        self._version += 1
         self.U.zero_()
         self.V.zero_()
         self.filled.zero_()
@@ -300,11 +343,20 @@ class InducingCache(nn.Module):
         """G and c with the rows at ``slots`` replaced by ``u_grad``, gradients flowing only through ``u_grad``.
 
         ``G_eff = sg(G − U_IᵀU_I) + u_gradᵀu_grad`` and ``c_eff = sg(c − U_IᵀV_I) + u_gradᵀv_rows`` (float64), where
-        ``U_I, V_I`` are the stored rows (zero for empty slots). Nothing is written.
+        ``U_I, V_I`` are the stored rows (zero for empty slots). Nothing is written. (``swap(...).G, .c``.)
+        """
+        swap = self.swap(slots, u_grad, v_rows)
+        return swap.G, swap.c
+
+    def swap(self, slots: torch.Tensor, u_grad: torch.Tensor, v_rows: torch.Tensor) -> RowSwap:
+        """The sums with the rows at ``slots`` replaced by ``u_grad`` (and targets ``v_rows``), and without them.
+
+        Both Gram pairs (stored rows, new rows) come from one batched product. Nothing is written; pass the result to
+        :meth:`write` with the same rows to store them without recomputing the change.
 
         Args:
-            slots: (B,) distinct slot numbers.
-            u_grad: (B, L, D) features of the slots' examples, carrying gradient.
+            slots: (B,) distinct slot numbers (slots past the end count as empty).
+            u_grad: (B, L, D) features of the slots' examples; gradients flow through them into ``G`` and ``c``.
             v_rows: (B, L) their targets.
 
         Raises:
@@ -313,18 +365,46 @@ class InducingCache(nn.Module):
         slots = self._check_slots(slots)
         if torch.unique(slots).numel() != slots.numel():
             raise ValueError("slots must be distinct")
-        known = slots < self.capacity
-        old_u = torch.zeros(slots.numel(), self.heads, self.dim, dtype=torch.float64, device=self.U.device)
-        old_v = torch.zeros(slots.numel(), self.heads, dtype=torch.float64, device=self.U.device)
-        old_u[known] = self.U[slots[known]].double()
-        old_v[known] = self.V[slots[known]].double()
-        base_g = self.G - _gram(old_u)
-        base_c = self.c - _cross(old_u, old_v)
-        u64 = u_grad.to(torch.float64)
-        return base_g + _gram(u64), base_c + _cross(u64, v_rows.detach().to(torch.float64))
+        v_rows = v_rows.detach()
+        if slots.numel() and int(slots.max()) < self.capacity:
+            old_u, old_v = self.U[slots].double(), self.V[slots].double()
+        else:
+            known = slots < self.capacity
+            old_u = self.U.new_zeros(slots.numel(), self.heads, self.dim, dtype=torch.float64)
+            old_v = self.V.new_zeros(slots.numel(), self.heads, dtype=torch.float64)
+            old_u[known], old_v[known] = self.U[slots[known]].double(), self.V[slots[known]].double()
+        rows = torch.stack([old_u, u_grad.to(torch.float64)])  # (2, B, L, D): stored rows, new rows
+        targets = torch.stack([old_v, v_rows.to(torch.float64)])
+        grams = torch.einsum("sbld,sble->slde", rows, rows)
+        crosses = torch.einsum("sbld,sbl->sld", rows, targets)
+        g_without, c_without = self.G - grams[0], self.c - crosses[0]
+        return RowSwap(
+            slots=slots,
+            rows=u_grad.detach(),
+            targets=v_rows,
+            G=g_without + grams[1],
+            c=c_without + crosses[1],
+            G_without=g_without,
+            c_without=c_without,
+            delta_g=grams[1].detach() - grams[0],
+            delta_c=crosses[1].detach() - crosses[0],
+            version=self._version,
+        )
+
+    def _swap_applies(self, swap: RowSwap, slots: torch.Tensor, u_rows: torch.Tensor, v_rows: torch.Tensor) -> bool:
+        """Whether ``swap`` was made for these rows, stored exactly as given, on the cache as it is now."""
+        return (
+            swap.version == self._version
+            and u_rows.dtype == self.U.dtype
+            and v_rows.dtype == self.V.dtype
+            and torch.equal(swap.slots, slots)
+            and torch.equal(swap.rows, u_rows)
+            and torch.equal(swap.targets, v_rows)
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        self._version += 1
         for name in _ROW_BUFFERS:  # the cache may have grown (or lazily allocated inputs) since construction
             incoming = state_dict.get(prefix + name)
             current = getattr(self, name)

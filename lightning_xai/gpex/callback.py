@@ -545,7 +545,7 @@ class GPEX(ExplainerCallback):
         loss = out.loss.detach()
         if torch.isfinite(loss):
             self._losses.to(loss.device).update({self.tag("match_loss"): loss}, weight=x.shape[0])
-        surrogate.update_rows(slots, out.inducing_features, v, inputs=x, index=index)
+        surrogate.update_rows(slots, out.inducing_features, v, inputs=x, index=index, swap=out.swap)
         return loss
 
     @property

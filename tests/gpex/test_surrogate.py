@@ -100,6 +100,65 @@ def test_rank_b_updates_match_refresh() -> None:
     assert (cache.G.abs().max() > 10) and cache.num_filled == M
 
 
+def test_matching_posterior_gradient_is_autograds_through_the_cholesky() -> None:
+    from lightning_xai.gpex.surrogate import _MatchingPosterior
+
+    g = torch.Generator().manual_seed(8)
+    root = torch.randn(4, D, 7, generator=g, dtype=torch.float64)
+    a = (root @ root.mT + 0.3 * torch.eye(D, dtype=torch.float64)).requires_grad_()
+    c = torch.randn(4, D, generator=g, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(4, D, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    noise = torch.tensor(0.3, dtype=torch.float64)
+    mean, variance, y = _MatchingPosterior.apply(a, c, u, noise)
+    chol = torch.linalg.cholesky(a)
+    ref_mean = (u * torch.cholesky_solve(c.unsqueeze(-1), chol)).sum(1)
+    assert torch.allclose(mean, ref_mean, rtol=1e-12)
+    assert torch.allclose(variance, noise * (u * torch.cholesky_solve(u, chol)).sum(1), rtol=1e-12)
+    assert not variance.requires_grad and not y.requires_grad
+    weights = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((mean * weights).sum(), (a, c, u))
+    ref = torch.autograd.grad((ref_mean * weights).sum(), (a, c, u))
+    # a is symmetric: only the symmetric part of its gradient is defined (the Cholesky backward symmetrises it)
+    assert torch.allclose(grads[0] + grads[0].mT, ref[0] + ref[0].mT, rtol=1e-9)
+    assert torch.allclose(grads[1], ref[1], rtol=1e-9) and torch.allclose(grads[2], ref[2], rtol=1e-9)
+
+
+def test_write_with_a_swap_reuses_its_change_only_while_it_applies() -> None:
+    M, B = 50, 8
+    g = torch.Generator().manual_seed(6)
+    caches = [InducingCache(L, D, capacity=None, refresh_every=None) for _ in range(2)]
+    for cache in caches:
+        cache.write(torch.arange(M), *(t.float() for t in _random_rows(M, seed=1)))
+    for step in range(20):
+        slots = torch.randperm(M + 10, generator=g)[:B]  # stored, and past the end of the cache (a growing one)
+        u = torch.randn(B, L, D, generator=g).requires_grad_()
+        v = torch.randn(B, L, generator=g)
+        swap = caches[0].swap(slots, u, v)
+        if step % 3 == 2:
+            caches[0].write(slots[:2], u[:2].detach() * 2, v[:2])  # a write in between makes the swap stale
+            caches[1].write(slots[:2], u[:2].detach() * 2, v[:2])
+        # the swap's sums are those of the cache with the batch's rows replaced, and without them
+        without = caches[1].U.double().clone()
+        without[slots[slots < without.shape[0]]] = 0
+        if step % 3 != 2:
+            assert torch.allclose(swap.G_without, torch.einsum("mld,mle->lde", without, without), atol=1e-9)
+            assert torch.allclose(swap.G - swap.G_without, torch.einsum("bld,ble->lde", u, u).double(), atol=1e-9)
+        caches[0].write(slots, u.detach(), v, swap=swap)
+        caches[1].write(slots, u.detach(), v)  # recomputes the change
+        for a, b in ((caches[0].G, caches[1].G), (caches[0].c, caches[1].c)):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-11)
+    assert torch.equal(caches[0].U, caches[1].U) and torch.equal(caches[0].filled, caches[1].filled)
+    caches[0].refresh()
+    assert torch.allclose(caches[0].G, caches[1].G, rtol=1e-12, atol=1e-10)
+    # a swap whose rows differ from the written ones is not used
+    slots = torch.arange(B)
+    u, v = torch.randn(B, L, D, generator=g), torch.randn(B, L, generator=g)
+    swap = caches[0].swap(slots, u, v)
+    caches[0].write(slots, u + 1, v, swap=swap)
+    caches[1].write(slots, u + 1, v)
+    assert torch.allclose(caches[0].G, caches[1].G, rtol=1e-12, atol=1e-10)
+
+
 def test_matching_loss_gradient_flows_only_through_batch_rows() -> None:
     M, B, noise = 60, 8, 0.2
     net = _tiny_net().double()
