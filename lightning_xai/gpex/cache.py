@@ -66,15 +66,17 @@ class RowSwap:
     """One batch of rows about to replace the cached rows at ``slots``: G and c with and without them (float64).
 
     Made by :meth:`InducingCache.swap`; passing it to :meth:`InducingCache.write` with the same rows writes them
-    with the change ``delta_g``, ``delta_c`` it already holds instead of recomputing it.
+    with the change ``delta_g``, ``delta_c`` it already holds instead of recomputing it. Nothing in it carries
+    gradient: :class:`~lightning_xai.gpex.surrogate.GPEXSurrogate` differentiates through the new rows analytically,
+    knowing ``G = G_without + rowsᵀrows`` and ``c = c_without + rowsᵀtargets`` per head.
 
     Attributes:
         slots: (B,) the distinct slots.
         rows: (B, L, D) and ``targets`` (B, L): the new rows, detached.
-        G, c: the sums with the new rows in place of the stored ones; differentiable in the new feature rows.
-        G_without, c_without: the sums without the batch's rows at all (constants).
-        delta_g, delta_c: ``G − G_cache`` and ``c − c_cache``, detached: what writing the rows adds to the sums.
-        version: the cache's ``updates`` count when made (a write in between makes the swap stale).
+        G, c: the sums with the new rows in place of the stored ones.
+        G_without, c_without: the sums without the batch's rows at all.
+        delta_g, delta_c: ``G − G_cache`` and ``c − c_cache``: what writing the rows adds to the sums.
+        version: the cache's change count when made (a change in between makes the swap stale).
     """
 
     slots: torch.Tensor
@@ -343,20 +345,22 @@ class InducingCache(nn.Module):
         """G and c with the rows at ``slots`` replaced by ``u_grad``, gradients flowing only through ``u_grad``.
 
         ``G_eff = sg(G − U_IᵀU_I) + u_gradᵀu_grad`` and ``c_eff = sg(c − U_IᵀV_I) + u_gradᵀv_rows`` (float64), where
-        ``U_I, V_I`` are the stored rows (zero for empty slots). Nothing is written. (``swap(...).G, .c``.)
+        ``U_I, V_I`` are the stored rows (zero for empty slots). Nothing is written.
         """
         swap = self.swap(slots, u_grad, v_rows)
-        return swap.G, swap.c
+        u64 = u_grad.to(torch.float64)
+        return swap.G_without + _gram(u64), swap.c_without + _cross(u64, swap.targets.to(torch.float64))
 
-    def swap(self, slots: torch.Tensor, u_grad: torch.Tensor, v_rows: torch.Tensor) -> RowSwap:
-        """The sums with the rows at ``slots`` replaced by ``u_grad`` (and targets ``v_rows``), and without them.
+    @torch.no_grad()
+    def swap(self, slots: torch.Tensor, u_rows: torch.Tensor, v_rows: torch.Tensor) -> RowSwap:
+        """The sums with the rows at ``slots`` replaced by ``u_rows`` (and targets ``v_rows``), and without them.
 
-        Both Gram pairs (stored rows, new rows) come from one batched product. Nothing is written; pass the result to
-        :meth:`write` with the same rows to store them without recomputing the change.
+        The stored and the new rows' Grams come from one batched product. Nothing is written and nothing carries
+        gradient; pass the result to :meth:`write` with the same rows to store them without recomputing the change.
 
         Args:
             slots: (B,) distinct slot numbers (slots past the end count as empty).
-            u_grad: (B, L, D) features of the slots' examples; gradients flow through them into ``G`` and ``c``.
+            u_rows: (B, L, D) the new feature rows.
             v_rows: (B, L) their targets.
 
         Raises:
@@ -365,29 +369,31 @@ class InducingCache(nn.Module):
         slots = self._check_slots(slots)
         if torch.unique(slots).numel() != slots.numel():
             raise ValueError("slots must be distinct")
-        v_rows = v_rows.detach()
-        if slots.numel() and int(slots.max()) < self.capacity:
-            old_u, old_v = self.U[slots].double(), self.V[slots].double()
+        u_rows, v_rows = u_rows.detach(), v_rows.detach()
+        b = slots.numel()
+        rows = torch.zeros(2, b, self.heads, self.dim, dtype=torch.float64, device=self.U.device)
+        targets = torch.zeros(2, b, self.heads, dtype=torch.float64, device=self.U.device)
+        known = slots < self.capacity
+        if bool(known.all()):
+            rows[0], targets[0] = self.U[slots], self.V[slots]
         else:
-            known = slots < self.capacity
-            old_u = self.U.new_zeros(slots.numel(), self.heads, self.dim, dtype=torch.float64)
-            old_v = self.V.new_zeros(slots.numel(), self.heads, dtype=torch.float64)
-            old_u[known], old_v[known] = self.U[slots[known]].double(), self.V[slots[known]].double()
-        rows = torch.stack([old_u, u_grad.to(torch.float64)])  # (2, B, L, D): stored rows, new rows
-        targets = torch.stack([old_v, v_rows.to(torch.float64)])
-        grams = torch.einsum("sbld,sble->slde", rows, rows)
-        crosses = torch.einsum("sbld,sbl->sld", rows, targets)
+            rows[0, known], targets[0, known] = self.U[slots[known]].double(), self.V[slots[known]].double()
+        rows[1], targets[1] = u_rows, v_rows
+        heads_first = rows.permute(0, 2, 3, 1).reshape(2 * self.heads, self.dim, b)  # (2L, D, B): stored, new
+        grams = torch.bmm(heads_first, heads_first.mT).view(2, self.heads, self.dim, self.dim)
+        crosses = torch.bmm(heads_first, targets.permute(0, 2, 1).reshape(2 * self.heads, b, 1))
+        crosses = crosses.view(2, self.heads, self.dim)
         g_without, c_without = self.G - grams[0], self.c - crosses[0]
         return RowSwap(
             slots=slots,
-            rows=u_grad.detach(),
+            rows=u_rows,
             targets=v_rows,
             G=g_without + grams[1],
             c=c_without + crosses[1],
             G_without=g_without,
             c_without=c_without,
-            delta_g=grams[1].detach() - grams[0],
-            delta_c=crosses[1].detach() - crosses[0],
+            delta_g=grams[1] - grams[0],
+            delta_c=crosses[1] - crosses[0],
             version=self._version,
         )
 

@@ -192,6 +192,9 @@ class GPEX(ExplainerCallback):
             grows (research notes, gpex.md §7).
         holdout_weight: weight of the leave-batch-out term added to the paper's matching loss (``0``: the paper's loss
             alone; see :class:`~lightning_xai.gpex.surrogate.GPEXSurrogate`).
+        mix_fraction: mixed queries per matching step, as a fraction of the batch (at least one). The paper mixes the
+            whole batch (``1.0``); with the leave-batch-out term querying every clean example, half as many mixtures
+            fit as well on digits (agreement and Pearson within seed noise) and save a quarter of the forwards.
         lr: Adam learning rate of the kernel net (1e-3 pairs with ratio 1; the paper uses 1e-4).
         every_n_steps: one matching step (kernel-net update) on every this-many-th training batch. The batches in
             between still refresh their cache rows with one forward of f and of the explained module each, so the
@@ -235,6 +238,7 @@ class GPEX(ExplainerCallback):
         noise: float | None = None,
         lr: float = 1e-3,
         holdout_weight: float = 1.0,
+        mix_fraction: float = 0.5,
         every_n_steps: int = 1,
         refit_each_epoch: bool = True,
         store_inputs: bool = True,
@@ -289,6 +293,9 @@ class GPEX(ExplainerCallback):
         if isinstance(holdout_weight, bool) or not isinstance(holdout_weight, (int, float)) or not holdout_weight >= 0:
             raise ValueError(f"holdout_weight={holdout_weight!r} must be a number >= 0")
         self.holdout_weight = float(holdout_weight)
+        if isinstance(mix_fraction, bool) or not isinstance(mix_fraction, (int, float)) or not 0 < mix_fraction <= 1:
+            raise ValueError(f"mix_fraction={mix_fraction!r} must be a number in (0, 1]")
+        self.mix_fraction = float(mix_fraction)
         self.refit_each_epoch = refit_each_epoch
         self.store_inputs = store_inputs
         self.neighbours = neighbours
@@ -496,9 +503,13 @@ class GPEX(ExplainerCallback):
                 x, gp_in, v, slots = x[first], gp_in[first], v[first], slots[first]
                 index = None if index is None else index[first]
             with self.rng.active(x.device):  # dropout in a user's kernel net draws from the private stream
-                mixed = surrogate.mix(gp_in.float())
+                mixed = surrogate.mix(gp_in.float(), size=self._mixtures(gp_in.shape[0]))
                 targets = self._g(mixed.to(gp_in.dtype))
                 return self._match_and_store(x, gp_in, v, slots, index, mixed, targets)
+
+    def _mixtures(self, batch_size: int) -> int:
+        """Mixed queries for a batch of ``batch_size`` examples."""
+        return min(batch_size, max(1, round(self.mix_fraction * batch_size)))
 
     def _fused_match_step(self, x: torch.Tensor, slots: torch.Tensor, index: torch.Tensor | None) -> Any:
         """:meth:`fit_step` with ``match=True`` when the whole model is explained (its input is the GP's input): one
@@ -516,7 +527,7 @@ class GPEX(ExplainerCallback):
         n = x.shape[0]
         with self.rng.active(x.device):  # dropout in a user's kernel net draws from the private stream
             state = surrogate._generator.get_state()
-            mixed = surrogate.mix(x.float())
+            mixed = surrogate.mix(x.float(), size=self._mixtures(n))
             both = self._g(torch.cat([x, mixed.to(x.dtype)]))
             v, targets = both[:n], both[n:]
             if not bool(torch.isfinite(v).all()):

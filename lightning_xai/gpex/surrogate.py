@@ -131,41 +131,59 @@ def _top_by_score_then_slot(scores: torch.Tensor, slots: torch.Tensor, k: int) -
 
 
 class _MatchingPosterior(torch.autograd.Function):
-    """Posterior means ``μ = uᵀA⁻¹c`` of K systems with their variances ``σ²uᵀA⁻¹u``, differentiated in the mean only.
+    """The two posteriors of a matching step, differentiated analytically in the features (means only).
 
-    The matching loss stops the gradient at the variance, so its backward needs just ``w = A⁻¹c`` and one more
-    Cholesky solve: with ``s = Σ_b ḡ_b u_b`` and ``z = A⁻¹s``, ``∂/∂u_b = ḡ_b w``, ``∂/∂c = z``, ``∂/∂A = −zwᵀ``. That
-    replaces autograd's path through the Cholesky factorisation and the triangular solves (dozens of small float64
-    kernels) with five.
+    Per head, with the batch's new rows ``u_b`` (targets ``v_b``) and the sums ``G₀, c₀`` without the batch:
 
-    Inputs: ``a`` (K, D, D) symmetric positive definite, ``c`` (K, D), ``u`` (K, D, B), ``noise`` σ² (a scalar
-    tensor); all float64. Outputs: ``mean`` (K, B), and ``variance`` (K, B) and ``y = L⁻¹u`` (K, D, B), both
-    non-differentiable (``A = LLᵀ``; ``σy`` is a root of the joint posterior covariance).
+    * the queries ``u_q`` under ``A = G₀ + Σ_b u_b u_bᵀ + σ²I`` and ``c = c₀ + Σ_b u_b v_b``: ``μ_q = u_qᵀA⁻¹c``;
+    * the batch's own examples under ``A₀ = G₀ + σ²I``, ``c₀`` (leave-batch-out): ``μ_b = u_bᵀA₀⁻¹c₀``;
+
+    with variances ``σ²uᵀA⁻¹u`` (not differentiated: the matching loss stops the gradient there). With ``w = A⁻¹c``,
+    ``w₀ = A₀⁻¹c₀``, upstream gradients ``ḡ_q, ḡ_b`` and ``z = A⁻¹ Σ_q ḡ_q u_q``, the chain rule through ``A`` and
+    ``c`` collapses to per-row products::
+
+        ∂/∂u_q = ḡ_q w          ∂/∂u_b = ḡ_b w₀ + z (v_b − wᵀu_b) − w (zᵀu_b)
+
+    so the backward is one Cholesky solve and elementwise work, where autograd through the Gram products, the
+    Cholesky factorisation and the triangular solves would run dozens of small float64 kernels.
+
+    Inputs: ``u_q`` (L, D, n) and ``u_b`` (L, D, B) float64 heads-first; ``g_with``, ``g_without`` (L, D, D) and
+    ``c_with``, ``c_without`` (L, D), where the caller guarantees ``g_with = g_without + Σ_b u_b u_bᵀ`` and
+    ``c_with = c_without + Σ_b u_b v_b`` (a :class:`~lightning_xai.gpex.cache.RowSwap`); ``v_b`` (L, B); ``noise``.
+    Outputs (heads-first): ``mean_q`` (L, n), ``mean_b`` (L, B), and, not differentiable, ``var_q``, ``var_b`` and
+    ``y_q = L⁻¹u_q`` (L, D, n; ``A = LLᵀ``, so ``σy_q`` is a root of the queries' joint posterior covariance).
     """
 
     @staticmethod
-    def forward(ctx, a, c, u, noise):  # noqa: ANN001, ANN205 (autograd.Function signature)
-        chol = torch.linalg.cholesky(a)
-        y = torch.linalg.solve_triangular(chol, torch.cat([u, c.unsqueeze(-1)], dim=-1), upper=False)
+    def forward(ctx, u_q, u_b, g_with, c_with, g_without, c_without, v_b, noise):  # noqa: ANN001, ANN205
+        heads, dim, n = u_q.shape
+        b = u_b.shape[2]
+        eye = torch.eye(dim, dtype=torch.float64, device=u_q.device)
+        chol = torch.linalg.cholesky(torch.cat([g_with, g_without]) + noise * eye)  # (2L, D, D)
+        queries = u_q.new_zeros(2 * heads, dim, max(n, b) + 1)  # both systems' queries, padded; then c
+        queries[:heads, :, :n] = u_q
+        queries[heads:, :, :b] = u_b
+        queries[:, :, -1] = torch.cat([c_with, c_without])
+        y = torch.linalg.solve_triangular(chol, queries, upper=False)
         yu, yc = y[..., :-1], y[..., -1:]
         mean = (yu * yc).sum(1)
         variance = noise * (yu * yu).sum(1)
-        w = torch.linalg.solve_triangular(chol.mT, yc, upper=True)  # A⁻¹c
-        ctx.save_for_backward(chol, w, u)
-        ctx.mark_non_differentiable(variance, yu)
-        return mean, variance, yu
+        w = torch.linalg.solve_triangular(chol.mT, yc, upper=True).squeeze(-1)  # (2L, D): A⁻¹c, A₀⁻¹c₀
+        ctx.save_for_backward(chol[:heads], w, u_q, u_b, v_b)
+        var_q, var_b, y_q = variance[:heads, :n], variance[heads:, :b], yu[:heads, :, :n]
+        ctx.mark_non_differentiable(var_q, var_b, y_q)
+        return mean[:heads, :n], mean[heads:, :b], var_q, var_b, y_q
 
     @staticmethod
-    def backward(ctx, grad_mean, _grad_variance, _grad_y):  # noqa: ANN001, ANN205
-        chol, w, u = ctx.saved_tensors
-        grad_a = grad_c = grad_u = None
-        if ctx.needs_input_grad[2]:
-            grad_u = w * grad_mean.unsqueeze(1)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            z = torch.cholesky_solve(torch.bmm(u, grad_mean.unsqueeze(-1)), chol)
-            grad_c = z.squeeze(-1)
-            grad_a = -z @ w.mT
-        return grad_a, grad_c, grad_u, None
+    def backward(ctx, grad_q, grad_b, *_non_differentiable):  # noqa: ANN001, ANN205
+        chol, w2, u_q, u_b, v_b = ctx.saved_tensors
+        w, w0 = w2[: chol.shape[0]].unsqueeze(-1), w2[chol.shape[0] :].unsqueeze(-1)  # (L, D, 1)
+        grad_u_q = w * grad_q.unsqueeze(1)
+        z = torch.cholesky_solve(torch.bmm(u_q, grad_q.unsqueeze(-1)), chol)  # (L, D, 1)
+        w_u = (w * u_b).sum(1, keepdim=True)  # (L, 1, B)
+        z_u = (z * u_b).sum(1, keepdim=True)
+        grad_u_b = w0 * grad_b.unsqueeze(1) + z * (v_b.unsqueeze(1) - w_u) - w * z_u
+        return grad_u_q, grad_u_b, None, None, None, None, None, None
 
 
 class GPEXSurrogate(nn.Module):
@@ -333,36 +351,31 @@ class GPEXSurrogate(nn.Module):
             u = self.features(x_mixed)
             if with_rows:
                 u_inducing = self.features(x_inducing_batch)
-        swap = self.cache.swap(slots_with_grad, u_inducing, v_inducing_batch) if with_rows else None
-        systems = [(self.cache.G, self.cache.c, u) if swap is None else (swap.G, swap.c, u)]
+        if with_rows:
+            swap = self.cache.swap(slots_with_grad, u_inducing, v_inducing_batch)
+            u_b, v_b = u_inducing, v_inducing_batch
+        else:  # only the queries carry gradient, under the cached sums as they are
+            swap, u_b = None, u.new_zeros(0, self.heads, self.dim)
+            v_b = u.new_zeros(0, self.heads)
+        g, c = (self.cache.G, self.cache.c) if swap is None else (swap.G, swap.c)
+        g0, c0 = (g, c) if swap is None else (swap.G_without, swap.c_without)
+        noise = self.noise.to(g.device)
+        mean, held_mean, variance, held_variance, y = _MatchingPosterior.apply(
+            u.to(torch.float64).permute(1, 2, 0),
+            u_b.to(torch.float64).permute(1, 2, 0),
+            g,
+            c,
+            g0,
+            c0,
+            v_b.detach().to(torch.float64).T,
+            noise,
+        )
+        loss = self._weighted_error(targets, mean, variance)
         if swap is not None and self.holdout_weight:
             # the leave-batch-out term: the batch's clean examples under the sums without the batch's rows
-            systems.append((swap.G_without, swap.c_without, u_inducing))
-        (mean, variance, y), *held = self._solve(systems)
-        loss = self._weighted_error(targets, mean, variance)
-        if held:
-            held_mean, held_variance, _ = held[0]
-            loss = loss + self.holdout_weight * self._weighted_error(v_inducing_batch, held_mean, held_variance)
-        prediction = GPEXPrediction(mean.T, variance.T, self.noise.sqrt() * y.transpose(1, 2))
+            loss = loss + self.holdout_weight * self._weighted_error(v_b, held_mean, held_variance)
+        prediction = GPEXPrediction(mean.T, variance.T, noise.sqrt() * y.transpose(1, 2))
         return MatchOutput(loss, prediction, None if swap is None else swap.rows, swap)
-
-    def _solve(
-        self, systems: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Posterior ``(mean, variance, y)``, each heads-first (L, B, ...), of each ``(G, c, u (B, L, D))`` system;
-        systems with equally many queries share one batched :class:`_MatchingPosterior` call."""
-        eye = torch.eye(self.dim, dtype=torch.float64, device=self.cache.G.device)
-        noise = self.noise.to(eye.device)
-        same = len({u.shape[0] for _, _, u in systems}) == 1
-        groups = [systems] if same else [[system] for system in systems]
-        out = []
-        for group in groups:
-            a = torch.cat([g.to(torch.float64) + noise * eye for g, _, _ in group])
-            c = torch.cat([c.to(torch.float64) for _, c, _ in group])
-            u = torch.cat([u.to(torch.float64).permute(1, 2, 0) for _, _, u in group])
-            results = _MatchingPosterior.apply(a, c, u, noise)
-            out += zip(*(r.split(self.heads) for r in results))
-        return out
 
     def _weighted_error(self, targets: torch.Tensor, mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
         """``½(t − μ)²/sg(var) + ½ log sg(var)``, summed over heads and averaged over the batch; ``mean`` and
@@ -389,19 +402,28 @@ class GPEXSurrogate(nn.Module):
         low: float = -1.0,
         high: float = 2.0,
         noise_std: float = 0.1,
+        size: int | None = None,
     ) -> torch.Tensor:
         """``α·x + (1 − α)·x[perm] + noise_std·ε``, α ~ U[low, high] per example, ε ~ N(0, 1) (paper's code).
 
-        Random numbers come from ``generator`` (a CPU generator; default: the surrogate's private one, saved in the
-        ``state_dict``), never from the global stream.
+        ``size`` (default: the batch) draws fewer mixtures: ``size`` distinct examples of ``x``, chosen at random, each
+        mixed with a partner as above. Random numbers come from ``generator`` (a CPU generator; default: the
+        surrogate's private one, saved in the ``state_dict``), never from the global stream.
         """
         gen = self._generator if generator is None else generator
         b = x.shape[0]
-        alpha = (torch.rand(b, generator=gen, dtype=torch.float64) * (high - low) + low).to(x.device, x.dtype)
-        alpha = alpha.view(b, *([1] * (x.dim() - 1)))
+        n = b if size is None else int(size)
+        if not 0 <= n <= b:
+            raise ValueError(f"size={size!r} must be between 0 and the batch size {b}")
+        alpha = (torch.rand(n, generator=gen, dtype=torch.float64) * (high - low) + low).to(x.device, x.dtype)
+        alpha = alpha.view(n, *([1] * (x.dim() - 1)))
         perm = torch.randperm(b, generator=gen).to(x.device)
-        noise = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
-        return alpha * x + (1 - alpha) * x[perm] + noise_std * noise
+        base = x
+        if n < b:
+            base = x[torch.randperm(b, generator=gen)[:n].to(x.device)]
+            perm = perm[:n]
+        noise = torch.randn((n, *x.shape[1:]), generator=gen, dtype=x.dtype).to(x.device)
+        return alpha * base + (1 - alpha) * x[perm] + noise_std * noise
 
     # ------------------------------------------------------------------ explanations
     @torch.no_grad()

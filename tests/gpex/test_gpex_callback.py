@@ -257,6 +257,9 @@ def test_without_stored_inputs_the_cache_keeps_only_features_targets_and_indices
         ({"store_inputs": False}, "refit_each_epoch=True.*store_inputs=False"),
         ({"kernel_net": "resnet"}, "kernel_net=str"),
         ({"probe_size": -1}, "probe_size=-1"),
+        ({"mix_fraction": 0.0}, r"mix_fraction=0.0 .*\(0, 1\]"),
+        ({"mix_fraction": 1.5}, "mix_fraction=1.5"),
+        ({"holdout_weight": -1}, "holdout_weight=-1"),
     ],
 )
 def test_bad_arguments_name_the_value(kwargs, match):

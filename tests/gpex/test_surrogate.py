@@ -100,27 +100,38 @@ def test_rank_b_updates_match_refresh() -> None:
     assert (cache.G.abs().max() > 10) and cache.num_filled == M
 
 
-def test_matching_posterior_gradient_is_autograds_through_the_cholesky() -> None:
+def test_matching_posterior_gradients_equal_autograd_through_grams_and_cholesky() -> None:
     from lightning_xai.gpex.surrogate import _MatchingPosterior
 
     g = torch.Generator().manual_seed(8)
-    root = torch.randn(4, D, 7, generator=g, dtype=torch.float64)
-    a = (root @ root.mT + 0.3 * torch.eye(D, dtype=torch.float64)).requires_grad_()
-    c = torch.randn(4, D, generator=g, dtype=torch.float64, requires_grad=True)
-    u = torch.randn(4, D, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    noise = torch.tensor(0.3, dtype=torch.float64)
-    mean, variance, y = _MatchingPosterior.apply(a, c, u, noise)
-    chol = torch.linalg.cholesky(a)
-    ref_mean = (u * torch.cholesky_solve(c.unsqueeze(-1), chol)).sum(1)
-    assert torch.allclose(mean, ref_mean, rtol=1e-12)
-    assert torch.allclose(variance, noise * (u * torch.cholesky_solve(u, chol)).sum(1), rtol=1e-12)
-    assert not variance.requires_grad and not y.requires_grad
-    weights = torch.randn(4, 6, generator=g, dtype=torch.float64)
-    grads = torch.autograd.grad((mean * weights).sum(), (a, c, u))
-    ref = torch.autograd.grad((ref_mean * weights).sum(), (a, c, u))
-    # a is symmetric: only the symmetric part of its gradient is defined (the Cholesky backward symmetrises it)
-    assert torch.allclose(grads[0] + grads[0].mT, ref[0] + ref[0].mT, rtol=1e-9)
-    assert torch.allclose(grads[1], ref[1], rtol=1e-9) and torch.allclose(grads[2], ref[2], rtol=1e-9)
+    n, b, noise = 5, 7, torch.tensor(0.3, dtype=torch.float64)
+    root = torch.randn(L, D, 11, generator=g, dtype=torch.float64)
+    g0, c0 = root @ root.mT, torch.randn(L, D, generator=g, dtype=torch.float64)
+    u_q = torch.randn(L, D, n, generator=g, dtype=torch.float64, requires_grad=True)
+    u_b = torch.randn(L, D, b, generator=g, dtype=torch.float64, requires_grad=True)
+    v_b = torch.randn(L, b, generator=g, dtype=torch.float64)
+    weights = torch.randn(L, n, generator=g, dtype=torch.float64), torch.randn(L, b, generator=g, dtype=torch.float64)
+
+    with torch.no_grad():
+        g1, c1 = g0 + u_b @ u_b.mT, c0 + (u_b @ v_b.unsqueeze(-1)).squeeze(-1)
+    mean_q, mean_b, var_q, var_b, y_q = _MatchingPosterior.apply(u_q, u_b, g1, c1, g0, c0, v_b, noise)
+    loss = (mean_q * weights[0]).sum() + (mean_b * weights[1]).sum()
+    grads = torch.autograd.grad(loss, (u_q, u_b))
+
+    # reference: autograd through G(u_b), c(u_b), the Cholesky factor and the solves
+    eye = torch.eye(D, dtype=torch.float64)
+    a = g0 + u_b @ u_b.mT + noise * eye
+    c = c0 + (u_b @ v_b.unsqueeze(-1)).squeeze(-1)
+    ref_q = (u_q * torch.cholesky_solve(c.unsqueeze(-1), torch.linalg.cholesky(a))).sum(1)
+    a0 = torch.linalg.cholesky(g0 + noise * eye)
+    ref_b = (u_b * torch.cholesky_solve(c0.unsqueeze(-1), a0)).sum(1)
+    ref = torch.autograd.grad((ref_q * weights[0]).sum() + (ref_b * weights[1]).sum(), (u_q, u_b))
+    assert torch.allclose(mean_q, ref_q, rtol=1e-12) and torch.allclose(mean_b, ref_b, rtol=1e-12)
+    assert torch.allclose(var_q, noise * (u_q * torch.linalg.solve(a.detach(), u_q.detach())).sum(1), rtol=1e-10)
+    assert torch.allclose(var_b, noise * (u_b * torch.cholesky_solve(u_b.detach(), a0)).sum(1), rtol=1e-10)
+    assert not (var_q.requires_grad or var_b.requires_grad or y_q.requires_grad)
+    for got, want in zip(grads, ref):
+        assert torch.allclose(got, want, rtol=1e-9, atol=1e-12)
 
 
 def test_write_with_a_swap_reuses_its_change_only_while_it_applies() -> None:
@@ -193,8 +204,11 @@ def test_matching_loss_gradient_flows_only_through_batch_rows() -> None:
     for a, b in zip(grads, ref_grads):
         assert torch.allclose(a, b, rtol=1e-7, atol=1e-10)
 
-    # the leave-batch-out term: the batch's clean examples, predicted by a dense GP without the batch's rows
+    # the leave-batch-out term: the batch's clean examples, predicted by a dense GP without the batch's rows (with
+    # fewer mixed queries than inducing rows, so the two systems' queries are padded to one batched solve)
     gp.holdout_weight = 2.0
+    x_mix, targets = gp.mix(x_all[:B], size=3), targets[:3]
+    assert x_mix.shape == (3, 6)
     loss = gp.matching_loss(x_mix, targets, slots, x_all[slots], v_new)
     grads = torch.autograd.grad(loss, list(net.parameters()))
     keep = torch.ones(M, dtype=torch.bool)
@@ -286,6 +300,17 @@ def test_mix_uses_private_generator_and_defaults() -> None:
     assert mixed.shape == x.shape and not torch.equal(mixed, gp.mix(x))
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     assert torch.equal(gp.mix(x, g1), gp.mix(x, g2))
+    # fewer mixtures: each is α·x_i + (1 − α)·x_j + noise of two batch examples, the x_i distinct
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    few = gp.mix(x, g1, noise_std=0.0, size=8)
+    assert few.shape == (8, 1, 8, 8) and torch.equal(few, gp.mix(x, g2, noise_std=0.0, size=8))
+    alpha = torch.rand(8, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3 - 1
+    flat = x.flatten(1)
+    for row, a in zip(few.flatten(1), alpha.float()):  # some pair (i, j) explains each row
+        fits = (a * flat[:, None] + (1 - a) * flat[None] - row).abs().amax(-1) < 1e-5
+        assert bool(fits.any())
+    with pytest.raises(ValueError, match="size=33"):
+        gp.mix(x, size=33)
 
 
 def test_gp_matches_a_frozen_digits_classifier() -> None:
