@@ -19,7 +19,10 @@ clamped to [1e-5, 5] and detached (sg = stop-gradient); the query batch is a mix
 through the query features and the rows of one batch of inducing examples recomputed with gradient
 (``G_eff = sg(G − U_IᵀU_I) + f(x̃_I)ᵀf(x̃_I)``, ``c_eff`` likewise), never through the other M − B stale rows.
 One addition, off with ``holdout_weight=0``: the same loss at the batch's clean examples, predicted by the GP with
-the batch's rows left out, which the mixing only approximates (a small, free gain in fidelity).
+the batch's rows left out, which the mixing only approximates (a small, nearly free gain in fidelity). Both
+posteriors of a step are solved together and differentiated analytically (:class:`_MatchingPosterior`): since the
+variance is a constant of the loss, the gradient through ``G_eff``, ``c_eff`` and the Cholesky factor reduces to one
+more solve and per-row products.
 
 **Noise and scale.** Only ``σ²/scale²`` moves the posterior mean (scaling u by s and σ² by s² leaves μ unchanged).
 The paper's setting is ``scale = 0.1, σ² = 1`` (ratio 100) with Adam lr 1e-4 and M ≈ 50k inducing points, and it
