@@ -478,7 +478,7 @@ def print_step(args: argparse.Namespace, rows: list[StepRow], device: torch.devi
         f"L = 10, D = 20, B = {args.batch}\n"
     )
     print(
-        "default kernel net (small CNN), Adam; the cache holds M rows of features, targets and inputs. "
+        "default kernel net (an MLP under 16×16), Adam; the cache holds M rows of features, targets and inputs. "
         f"median and p90: {args.repeats} rounds, the sizes interleaved in each. amortised = median + one refresh / "
         "refresh period (writes, from the cache's schedule; one write per step). "
         f"{memory_note(device)}, over {args.warmup + 5} further steps.\n"
