@@ -5,7 +5,7 @@ net f is trained so that the GP posterior means match the network, and explanati
 similar to a query under the matched kernel.
 """
 
-from lightning_xai.gpex.cache import InducingCache
+from lightning_xai.gpex.cache import InducingCache, RowSwap
 from lightning_xai.gpex.callback import GPEX, GPEXExplanation, SurrogateFidelity
 from lightning_xai.gpex.kernel import FeatureLinearKernel, HeadNorm, KernelMap, default_kernel_net, heads_first
 from lightning_xai.gpex.surrogate import GPEXPrediction, GPEXSurrogate, MatchOutput, fidelity
@@ -20,6 +20,7 @@ __all__ = [
     "InducingCache",
     "KernelMap",
     "MatchOutput",
+    "RowSwap",
     "SurrogateFidelity",
     "default_kernel_net",
     "fidelity",

@@ -219,10 +219,10 @@ class GPEXSurrogate(nn.Module):
         f = default_kernel_net((1, 8, 8), heads=10)
         gp = GPEXSurrogate(f, cache_size=len(train))
         gp.embed(slots, x, logits)                      # fill the cache (no grad)
-        mixed = gp.mix(xb)
+        mixed = gp.mix(xb, size=len(xb) // 2)
         out = gp.match(mixed, net(mixed), slots_b, xb, logits_b)
         out.loss.backward(); opt.step()
-        gp.update_rows(slots_b, out.inducing_features, logits_b)
+        gp.update_rows(slots_b, out.inducing_features, logits_b, swap=out.swap)  # reuses the step's ΔG, Δc
         mean = gp.predict(x_test).mean
     """
 
