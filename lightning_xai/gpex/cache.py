@@ -230,12 +230,9 @@ class InducingCache(nn.Module):
             self._grow(int(slots.max()) + 1)
             new_u = u_rows.to(device=self.U.device, dtype=self.U.dtype)
             new_v = v_rows.to(device=self.V.device, dtype=self.V.dtype)
-            if reuse:
-                delta_g, delta_c = swap.delta_g, swap.delta_c
-            else:
-                old_u, old_v = self.U[slots].double(), self.V[slots].double()
-                delta_g = _gram(new_u.double()) - _gram(old_u)
-                delta_c = _cross(new_u.double(), new_v.double()) - _cross(old_u, old_v)
+            if not reuse:  # the change from the rows as stored, by the same product a matching step uses
+                swap = self.swap(slots, new_u, new_v)
+            delta_g, delta_c = swap.delta_g, swap.delta_c
             written, newly_filled = slots.numel(), int((~self.filled[slots]).sum())
             self._store(slots, new_u, new_v, inputs, index)
         self._add_to_sums(delta_g, delta_c, written, newly_filled)
