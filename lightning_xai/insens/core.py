@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_xai._core.autograd import batched_vjp
-from lightning_xai._core.gates import MAX_POOLS, GateRecorder, classify, pool_indices
+from lightning_xai._core.gates import GateRecorder, classify
 from lightning_xai._core.modules import eval_mode
-from lightning_xai.insens.neurons import capture_preactivations, neuron_layers, row_norms_squared
+from lightning_xai.insens.neurons import neuron_recorder, row_norms_squared
 
 LOSER_POLICIES = ("active", "inactive")
 
@@ -53,46 +53,30 @@ class InsensMap:
 
 
 def require_relu_network(model: nn.Module) -> None:
-    """Raise ``ValueError`` unless ``model`` is piecewise-linear with ReLU-family modules to hook."""
-    mode, _ = classify(model)
+    """Raise ``ValueError`` unless ``model``'s modules are piecewise-linear (a static check for set-up time; functional
+    smooth units are caught when the network runs, see :func:`neuron_preactivations`)."""
+    mode, gated = classify(model)
     if mode != "exact":
-        raise ValueError("insens needs a piecewise-linear (ReLU) network; this one has smooth units, norms or softmax")
-    if not neuron_layers(model):
-        raise ValueError(
-            f"{type(model).__name__} has no ReLU-family modules (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ReLU6): "
-            "functional torch.relu calls cannot be seen by hooks"
-        )
+        raise ValueError(f"insens needs a piecewise-linear (ReLU) network; {gated[:5]} are smooth units, norms or "
+                         "softmax, which have no switching hyperplanes (Linearization explains such networks)")
 
 
-def _loser_masks(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """For neuron layers whose output feeds a max-pool directly: True where the neuron wins no pooling window."""
-    outputs: dict[int, str] = {}
-    losers: dict[str, torch.Tensor] = {}
+def neuron_preactivations(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One forward pass: the pre-activation of every ReLU-family call (differentiable in ``x``) and, for calls whose
+    output feeds a max-pool directly, True where a neuron wins no pooling window.
 
-    def on_unit(name: str):
-        def hook(module, args, output):
-            outputs[id(output)] = name
-
-        return hook
-
-    def on_pool(module, args, output):
-        z = args[0]
-        name = outputs.get(id(z))
-        if name is None:
-            return
-        won = torch.zeros_like(z).flatten(2)
-        won.scatter_(2, pool_indices(module, z).flatten(2), 1.0)
-        losers[name] = won.view_as(z) == 0
-
-    handles = [m.register_forward_hook(on_unit(n)) for n, m in neuron_layers(model).items()]
-    handles += [m.register_forward_hook(on_pool) for m in model.modules() if isinstance(m, MAX_POOLS)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return losers
+    Raises:
+        ValueError: when smooth units run (no switching hyperplanes) or no ReLU-family call runs at all.
+    """
+    with neuron_recorder(model) as recorder:
+        model(x)
+    if recorder.ungated:
+        raise ValueError(f"insens needs a piecewise-linear (ReLU) network; the calls {recorder.ungated[:5]} are smooth "
+                         "units, norms or softmax, which have no switching hyperplanes")
+    if not recorder.neuron_inputs:
+        raise ValueError(f"{type(model).__name__} runs no ReLU-family unit (nn.ReLU, F.relu, LeakyReLU, PReLU, ReLU6): "
+                         "it has no neurons with switching hyperplanes")
+    return recorder.neuron_inputs, recorder.losers
 
 
 def insens(
@@ -123,10 +107,9 @@ def insens(
         x = x.detach().clone()
         norms = row_norms_squared(model, x, method=method, samples=samples, chunk_size=chunk_size,
                                   generator=generator)
-        losers = _loser_masks(model, x) if maxpool_losers == "inactive" else {}
         xg = x.requires_grad_(True)
-        with capture_preactivations(model) as pre:
-            model(xg)
+        pre, losers = neuron_preactivations(model, xg.clone())
+        losers = losers if maxpool_losers == "inactive" else {}
         batch = x.shape[0]
         total = torch.zeros((), dtype=x.dtype, device=x.device)
         inactive = torch.zeros(batch, dtype=x.dtype, device=x.device)
@@ -162,11 +145,12 @@ def insens_naive(model: nn.Module, x: torch.Tensor, maxpool_losers: str = "activ
     require_relu_network(model)
     maps = []
     with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
-        losers = _loser_masks(model, x.detach()) if maxpool_losers == "inactive" else {}
+        with torch.no_grad():
+            _, losers = neuron_preactivations(model, x.detach().clone())
+        losers = losers if maxpool_losers == "inactive" else {}
         for b in range(x.shape[0]):
             xb = x[b : b + 1].detach().clone().requires_grad_(True)
-            with capture_preactivations(model) as pre:
-                model(xb)
+            pre, _ = neuron_preactivations(model, xb.clone())
             acc, count = torch.zeros_like(xb), 0
             for name, v in pre.items():
                 flat = v.flatten()
@@ -212,17 +196,16 @@ def switched_projections(
     Args:
         model: a ReLU-family network.
         x: inputs ``(B, *input_shape)``.
-        layer: name of a ReLU-family module (see ``neuron_layers(model)``).
+        layer: a ReLU-family call site (a module name such as ``"features.2"``; ``"<name>#2"`` for its second call;
+            ``"<block>:relu"`` for a functional call inside ``<block>.forward``).
         neurons: flat indices of the neurons to project (default: all of the layer's).
         chunk_size: neurons per batched backward.
     """
-    layers = neuron_layers(model)
-    if layer not in layers:
-        raise ValueError(f"layer={layer!r} is not a ReLU-family module; neuron layers: {sorted(layers)}")
     with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
         xg = x.detach().clone().requires_grad_(True)
-        with capture_preactivations(model) as pre:
-            model(xg)
+        pre, _ = neuron_preactivations(model, xg.clone())
+        if layer not in pre:
+            raise ValueError(f"layer={layer!r} is not a ReLU-family call site; neuron layers: {sorted(pre)}")
         v = pre[layer].flatten(1)
         idx = torch.arange(v.shape[1], device=v.device) if neurons is None else neurons.to(v.device)
         rows = []
@@ -231,11 +214,11 @@ def switched_projections(
             cot = F.one_hot(part, v.shape[1]).to(v.dtype)[:, None, :].expand(-1, v.shape[0], -1)
             rows.append(batched_vjp(v, xg, cot, retain=True))
         weight = torch.cat(rows).movedim(0, 1).detach()
-        recorder = GateRecorder(model, gated=False)
+        recorder = GateRecorder(model, gated=False, neurons=True)
         with torch.no_grad():
             with recorder.record():
-                model(xg.detach())
-            with recorder.replay(), capture_preactivations(model) as zero_pre:
+                model(xg.detach().clone())
+            with recorder.replay():
                 model(torch.zeros_like(xg))
-        bias = zero_pre[layer].flatten(1)[:, idx]
+        bias = recorder.neuron_inputs[layer].flatten(1)[:, idx]
     return SwitchedProjections(weight=weight, bias=bias, pre=v.detach()[:, idx])

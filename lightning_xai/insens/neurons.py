@@ -2,8 +2,8 @@
 
 In a piecewise-linear network every hidden neuron's pre-activation is, around an input x, one linear projection of
 the input: ``v_i(x) = ŵ_i·x + b̂_i`` with ``ŵ_i = ∂v_i/∂x`` (Szymanski, McCane & Atkinson, arXiv:1909.11275,
-Theorem 1). The neurons here are the inputs of the ReLU-family modules (ReLU, LeakyReLU, PReLU, ReLU6), whose
-switching point is ``v = 0``; networks that call ``torch.relu`` functionally expose no neurons to hooks.
+Theorem 1). The neurons here are the inputs of every ReLU-family call (``nn.ReLU``, ``F.relu``, ``torch.relu_``,
+LeakyReLU, PReLU, ReLU6), whose switching point is ``v = 0``, seen per operator call.
 
 :func:`row_norms_squared` gets ``‖ŵ_i‖²`` for every neuron at once with forward-mode derivatives: one dual-number
 forward per input direction gives ``J·e_k`` for all neurons, so the exact norms cost ``D`` forwards (chunked into
@@ -20,31 +20,36 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
+from lightning_xai._core.gates import GateRecorder, unwrap_compiled
+
 NEURON_UNITS = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ReLU6)
 
 
 def neuron_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The ReLU-family modules of ``model`` by name; their inputs are the hidden neurons' pre-activations."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, NEURON_UNITS)}
+    """The ReLU-family *modules* of ``model`` by name (a static view for set-up checks; functional ``F.relu`` calls
+    are neurons too, found when the network runs: see :func:`capture_preactivations`)."""
+    return {unwrap_compiled(name): m for name, m in model.named_modules() if isinstance(m, NEURON_UNITS)}
 
 
 @contextmanager
 def capture_preactivations(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Within the block, every forward pass stores each neuron layer's input (pre-activation) in the yielded dict."""
-    store: dict[str, torch.Tensor] = {}
+    """Within the block, every forward pass stores the input (pre-activation) of each ReLU-family *call* in the
+    yielded dict, keyed by call site (``layer1.0.relu``, then ``layer1.0.relu#2`` for a module called twice).
 
-    def hook(name: str):
-        def pre(module: nn.Module, args: tuple) -> None:
-            store[name] = args[0]
+    Calls are seen at the operator level (``nn.ReLU``, ``F.relu``, ``torch.relu_``, ``F.leaky_relu``, ``F.prelu``,
+    ``F.relu6``); an in-place unit's input is cloned before it is overwritten. Use :func:`neuron_recorder` to also see the smooth units that ran
+    (``recorder.ungated``) and the max-pool losers.
+    """
+    with neuron_recorder(model) as recorder:
+        yield recorder.neuron_inputs
 
-        return pre
 
-    handles = [m.register_forward_pre_hook(hook(name)) for name, m in neuron_layers(model).items()]
-    try:
-        yield store
-    finally:
-        for handle in handles:
-            handle.remove()
+@contextmanager
+def neuron_recorder(model: nn.Module) -> Iterator[GateRecorder]:
+    """A :class:`~lightning_xai._core.gates.GateRecorder` collecting pre-activations and max-pool losers only."""
+    recorder = GateRecorder(model, gated=False, neurons=True)
+    with recorder.capture():
+        yield recorder
 
 
 def directional_derivatives(model: nn.Module, x: torch.Tensor, tangents: torch.Tensor) -> dict[str, torch.Tensor]:
