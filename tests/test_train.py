@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import glob
 import importlib.resources
+import importlib.util
 import os
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -205,6 +207,33 @@ def test_ddp_cpu_prints_once(tmp_path):
     assert len(_events(run_dir)) == 1
 
 
+def _run_or_show(command: list, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``command``; on a non-zero exit fail with the command and the tail of its stdout and stderr."""
+    proc = subprocess.run([str(part) for part in command], capture_output=True, text=True, **kwargs)
+    assert proc.returncode == 0, (
+        f"{' '.join(str(part) for part in command)} exited with {proc.returncode}\n"
+        f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}"
+    )
+    return proc
+
+
+def _venv_seeing_this_environment(venv: Path) -> Path:
+    """A new venv at ``venv`` that also imports what the running interpreter's environment holds; its python.
+
+    ``--system-site-packages`` would show the *base* interpreter's packages, which lack torch and the rest when the
+    tests run from a venv. Instead a ``.pth`` file in the new venv lists the running environment's site-packages
+    folders: they come after the venv's own on ``sys.path`` (an installed wheel wins), and the ``.pth`` files inside
+    them are not run (an editable install of this repository stays invisible).
+    """
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    purelib = _run_or_show([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
+    folders = [*site.getsitepackages(), site.getusersitepackages() if site.ENABLE_USER_SITE else ""]
+    lines = [folder for folder in dict.fromkeys(folders) if folder and os.path.isdir(folder)]
+    Path(purelib, "_running_environment.pth").write_text("\n".join(lines) + "\n")
+    return python
+
+
 @pytest.mark.slow
 def test_wheel_ships_the_configs_and_the_console_script(tmp_path):
     # Build from a fresh copy: setuptools keeps stale files in build/ and would pack them into the wheel.
@@ -214,10 +243,10 @@ def test_wheel_ships_the_configs_and_the_console_script(tmp_path):
         if (REPO / name).exists():
             shutil.copy(REPO / name, source / name)
     wheels = tmp_path / "wheels"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", str(source), "-w", str(wheels)],
-        cwd=tmp_path, check=True, capture_output=True, timeout=300,
-    )
+    # The running environment's setuptools when it has one (no download); else pip's isolated build environment.
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    _run_or_show([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, source, "-w", wheels],
+                 cwd=tmp_path, timeout=300)
     (wheel,) = wheels.glob("lightning_xai-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for config in ("train.yaml", "data/digits.yaml", "callbacks/default.yaml", "experiment/quick.yaml"):
@@ -225,17 +254,14 @@ def test_wheel_ships_the_configs_and_the_console_script(tmp_path):
 
     venv = tmp_path / "venv"
     env = _clean_env()
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    # The system pip (visible through --system-site-packages) installs into the venv; --force-reinstall so that an
+    python = _venv_seeing_this_environment(venv)
+    # The running environment's pip (seen through the .pth file) installs into the venv; --force-reinstall so that an
     # install of the same version outside the venv (an editable one, say) never counts as already satisfied.
-    subprocess.run(
-        [python, "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", str(wheel)],
-        cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300,
-    )
-    where = subprocess.run(
+    _run_or_show([python, "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", wheel],
+                 cwd=tmp_path, env=env, timeout=300)
+    where = _run_or_show(
         [python, "-c", "import lightning_xai, lightning_xai.configs as c; print(lightning_xai.__file__, *c.__path__)"],
-        cwd=tmp_path, env=env, check=True, capture_output=True, text=True,
+        cwd=tmp_path, env=env,
     ).stdout.split()
     assert all(path.startswith(str(venv)) for path in where), where  # not the repo, not an editable install
 
@@ -244,7 +270,7 @@ def test_wheel_ships_the_configs_and_the_console_script(tmp_path):
         [venv / "bin" / "lightning-xai-train", "experiment=quick", f"hydra.run.dir={run_dir}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}"
     assert proc.stdout.strip().splitlines()[-1] == "Inspect this run: tensorboard --logdir run"
     scalars, images = read_events(run_dir)  # the main job's event file holds ClaDec's scalars and images
     expected = {"val/acc", "cladec/rec_loss", "refae/rec_loss", "cladec/acc_on_recon", "refae/acc_on_recon",

@@ -18,10 +18,20 @@ _warned: set[str] = set()
 
 
 def log_scalars(pl_module: pl.LightningModule, metrics: Mapping[str, torch.Tensor | float]) -> None:
-    """Log already-synchronised epoch-level scalars (no further ``sync_dist``: they are equal on every rank)."""
+    """Log already-synchronised epoch-level scalars: every rank logs the same value, and no collective runs.
+
+    The callbacks reduce their scalars themselves (explicit all-reduces, torchmetrics), so every rank holds the same
+    number and a further ``sync_dist`` reduction would only cost one collective per scalar. Logged with
+    ``sync_dist=False``, though, Lightning (2.x, ``_ResultCollection._get_cache``) warns "It is recommended to use
+    ``self.log(..., sync_dist=True)``" once per name at the end of the epoch, after this call has returned, so a
+    ``warnings.catch_warnings`` here could not catch it. ``sync_dist=True`` together with ``rank_zero_only=True``
+    says what holds: nothing to reduce (Lightning's ``_Sync`` then uses its no-op, keeping this rank's value) and no
+    warning. Each rank still logs, so ``trainer.callback_metrics`` (checkpoint monitors, early stopping) holds the
+    scalar on every rank.
+    """
     for name, value in metrics.items():
         value = torch.as_tensor(value, dtype=torch.float32).detach().cpu()
-        pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
+        pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True, rank_zero_only=True)
 
 
 def image_loggers(trainer: pl.Trainer) -> list:
