@@ -26,6 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf, read_write
 
 __all__ = ["main", "train"]
@@ -89,6 +90,22 @@ def _inspect_line(run_dir: str, loggers: list[Logger]) -> str:
     return "Inspect this run: " + " ".join(_display_path(place) for place in places)
 
 
+def _applicable(callbacks: list[L.Callback], model: L.LightningModule) -> list[L.Callback]:
+    """The default callback set without the methods that cannot explain ``model`` (e.g. Insens on a network with
+    smooth units), each dropped with one warning; a callback selected explicitly fails at set-up instead."""
+    from lightning_xai._core.callback import explained_model
+
+    kept = []
+    for callback in callbacks:
+        check = getattr(callback, "inapplicable_reason", None)
+        reason = check(explained_model(model)) if check is not None else None
+        if reason is None:
+            kept.append(callback)
+        else:
+            rank_zero_warn(f"{type(callback).__name__} is skipped from the default callbacks: {reason}")
+    return kept
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train ``cfg.model`` on ``cfg.data`` with ``cfg.callbacks`` and ``cfg.logger`` under ``cfg.trainer``.
 
@@ -115,6 +132,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         input_shape=tuple(datamodule.input_shape), num_classes=int(datamodule.num_classes)
     )
     callbacks: list[L.Callback] = [instantiate(node, _convert_="all") for node in _targets(cfg.get("callbacks"))]
+    if HydraConfig.get().runtime.choices.get("callbacks") == "default":
+        callbacks = _applicable(callbacks, model)
     loggers: list[Logger] = [instantiate(node, _convert_="all") for node in _targets(cfg.get("logger"))]
 
     trainer: L.Trainer = instantiate(cfg.trainer, _partial_=True, _convert_="all")(

@@ -10,7 +10,7 @@ only reads, and only while the tap is armed.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -27,6 +27,9 @@ class LayerNotFoundError(ValueError):
 def resolve_layer(model: nn.Module, name: str) -> nn.Module:
     """Return the submodule called ``name`` (a dotted name as in ``model.named_modules()``; ``""`` is the model).
 
+    Names resolve with or without the ``_orig_mod`` segments that ``torch.compile`` inserts (``features.2`` and
+    ``features._orig_mod.2`` name the same layer of a model whose ``features`` were compiled).
+
     Raises:
         LayerNotFoundError: naming the bad value and the closest valid names.
     """
@@ -35,6 +38,10 @@ def resolve_layer(model: nn.Module, name: str) -> nn.Module:
     names = [n for n, _ in model.named_modules() if n]
     if name in names:
         return model.get_submodule(name)
+    plain = {_without_compile(n): n for n in names}  # torch.compile wraps modules in `_orig_mod`
+    if _without_compile(name) in plain:
+        return model.get_submodule(plain[_without_compile(name)])
+    names = sorted(set(plain))
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
     hint = close or names[:10]
     raise LayerNotFoundError(
@@ -42,6 +49,10 @@ def resolve_layer(model: nn.Module, name: str) -> nn.Module:
         f"{'Closest names' if close else 'Valid names include'}: {', '.join(repr(h) for h in hint)}"
         f" ({len(names)} submodules; see model.named_modules())."
     )
+
+
+def _without_compile(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
 def last_linear_name(model: nn.Module) -> str:
@@ -189,3 +200,35 @@ class LayerTap:
                 "path (see model.named_modules())."
             )
         return value
+
+
+@contextmanager
+def replaced_output(
+    model: nn.Module, name: str | None, value: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[list[torch.Tensor]]:
+    """Within the block, the output of layer ``name`` is replaced by ``value(output)``; the replacements are yielded.
+
+    This is how a network is explained in an inner representation rather than its raw input (the embedding of a
+    token-id model): the replacement can be a leaf that requires grad, a dual tensor or zeros. ``name=None`` replaces
+    nothing.
+
+    Raises:
+        TypeError: when the layer does not output one floating-point tensor.
+    """
+    seen: list[torch.Tensor] = []
+    if name is None:
+        yield seen
+        return
+
+    def hook(module: nn.Module, args: Any, output: Any) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            what = f"a {output.dtype} tensor" if isinstance(output, torch.Tensor) else type(output).__name__
+            raise TypeError(f"layer {name!r} must output one floating-point tensor to explain the network in, got {what}")
+        seen.append(value(output))
+        return seen[-1]
+
+    handle = resolve_layer(model, name).register_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()

@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 
@@ -75,3 +76,21 @@ def fresh_copy(module: nn.Module, what: str = "copy") -> nn.Module:
             stacklevel=2,
         )
     return clone
+
+
+def floating_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of ``module``'s first floating-point parameter or buffer (its precision), or None if it has none."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
+
+
+def to_module_dtype(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """``x`` cast to ``module``'s floating dtype when both are floating point (``precision="64-true"``,
+    ``"bf16-true"``: examples kept from validation batches meet the network in its own precision); integer inputs
+    (token ids) are left alone."""
+    dtype = floating_dtype(module)
+    if dtype is None or not x.is_floating_point() or x.dtype == dtype:
+        return x
+    return x.to(dtype)

@@ -19,10 +19,15 @@ import torch
 
 from lightning_xai._core.attribution import AttributionCallback
 from lightning_xai._core.batch import BatchFn
+from lightning_xai._core.layers import resolve_layer
+from lightning_xai._core.modules import to_module_dtype
+from lightning_xai._core.outputs import OutputFn
 from lightning_xai.insens.core import LOSER_POLICIES, InsensMap, insens, require_relu_network
+from lightning_xai.insens.neurons import layer_output
 from lightning_xai.linearization.core import linearize
 
 METHODS = ("auto", "exact", "hutchinson")
+DUAL_BATCH = 256  # stacked (direction, example) pairs per forward-mode pass: bounds the report's peak memory
 
 
 class Insens(AttributionCallback):
@@ -39,6 +44,9 @@ class Insens(AttributionCallback):
         every_n_epochs: report every this many validation epochs.
         input_fn: callable ``batch -> input``.
         target_fn: callable ``batch -> target``.
+        output_fn: callable ``model output -> tensor (B, K)`` for models returning a dict, tuple or output object.
+        input_layer: explain in this module's output instead of the model input (e.g. ``"embed"`` for token-id
+            models); the deletion/insertion curves, which perturb the raw input, are then skipped.
         name: tag prefix (default ``insens``).
         seed: seed of the Hutchinson directions and of the random ordering.
     """
@@ -57,6 +65,8 @@ class Insens(AttributionCallback):
         every_n_epochs: int = 1,
         input_fn: BatchFn | None = None,
         target_fn: BatchFn | None = None,
+        output_fn: OutputFn | None = None,
+        input_layer: str | None = None,
         name: str | None = None,
         seed: int = 0,
     ) -> None:
@@ -71,21 +81,39 @@ class Insens(AttributionCallback):
         if not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples={samples!r} must be a positive integer")
         self.norms, self.samples, self.maxpool_losers = method, samples, maxpool_losers
+        self.output_fn, self.input_layer = output_fn, input_layer
+
+    @staticmethod
+    def inapplicable_reason(model: torch.nn.Module) -> str | None:
+        """Why Insens cannot explain ``model`` (smooth units, norms, softmax, recurrent layers), or None."""
+        try:
+            require_relu_network(model)
+        except (ValueError, NotImplementedError) as error:
+            return str(error)
+        return None
 
     def configure(self, trainer: pl.Trainer | None, model: torch.nn.Module) -> None:
         require_relu_network(model)  # fail at setup, not at the first report
+        if self.input_layer is not None:
+            resolve_layer(model, self.input_layer)
 
     def explain(self, x: torch.Tensor) -> InsensMap:
         """Insens of the attached model for a batch ``x`` (see :func:`~lightning_xai.insens.insens`)."""
         if self.model is None:
             raise RuntimeError("Insens.explain needs the callback to have been set up by trainer.fit")
-        method = self.norms if self.norms != "auto" else ("exact" if x[0].numel() <= 1024 else "hutchinson")
+        x = to_module_dtype(x, self.model)
+        features = layer_output(self.model, x[:1], self.input_layer)[0].numel()
+        method = self.norms if self.norms != "auto" else ("exact" if features <= 1024 else "hutchinson")
+        # directions per batched forward: about DUAL_BATCH stacked examples at a time, whatever the metric set size
+        chunk = max(1, DUAL_BATCH // x.shape[0])
         with self.rng.active(x.device):
-            return insens(self.model, x, method=method, samples=self.samples, maxpool_losers=self.maxpool_losers)
+            return insens(self.model, x, method=method, samples=self.samples, maxpool_losers=self.maxpool_losers,
+                          chunk_size=chunk, input_layer=self.input_layer)
 
     def _gradient(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradient of the predicted class (the Jacobian row: the model is piecewise-linear) and the prediction."""
-        lin = linearize(self.model, x, classes=None)
+        lin = linearize(self.model, to_module_dtype(x, self.model), classes=None, input_layer=self.input_layer,
+                        output_fn=self.output_fn)
         pred = lin.output.argmax(-1)
         return lin.weight[torch.arange(x.shape[0], device=x.device), pred], pred
 
@@ -98,11 +126,16 @@ class Insens(AttributionCallback):
         }
         for layer, fraction in result.active_fraction.items():
             scores[f"active_fraction_{layer}"] = fraction
-        scores.update(self.orderings(x, pred, {"insens": result.map.abs(), "gradient": grad.abs()}))
+        if self.input_layer is None:
+            x = to_module_dtype(x, self.model)
+            scores.update(self.orderings(x, pred, {"insens": result.map.abs(), "gradient": grad.abs()}))
         return scores, {}
 
     def draw(self, trainer: pl.Trainer, x: torch.Tensor, y: torch.Tensor | None) -> None:
         result = self.explain(x)
         grad, pred = self._gradient(x)
         maps = {"Insens": result.map, "gradient": grad}
+        if self.input_layer is not None:  # maps over an embedding: one value per position (summed over features)
+            maps = {name: m.flatten(2).sum(-1) for name, m in maps.items()}
+            x = layer_output(self.model, to_module_dtype(x, self.model), self.input_layer).flatten(2).norm(dim=-1)
         self.draw_maps(trainer, x, maps, [f"probe {i}: predicted {int(c)}" for i, c in enumerate(pred)])

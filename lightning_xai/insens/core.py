@@ -25,7 +25,7 @@ from torch import nn
 from lightning_xai._core.autograd import batched_vjp
 from lightning_xai._core.gates import GateRecorder, classify
 from lightning_xai._core.modules import eval_mode
-from lightning_xai.insens.neurons import neuron_recorder, row_norms_squared
+from lightning_xai.insens.neurons import forward_at, layer_output, neuron_recorder, row_norms_squared
 
 LOSER_POLICIES = ("active", "inactive")
 
@@ -61,15 +61,18 @@ def require_relu_network(model: nn.Module) -> None:
                          "softmax, which have no switching hyperplanes (Linearization explains such networks)")
 
 
-def neuron_preactivations(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """One forward pass: the pre-activation of every ReLU-family call (differentiable in ``x``) and, for calls whose
-    output feeds a max-pool directly, True where a neuron wins no pooling window.
+def neuron_preactivations(
+    model: nn.Module, x: torch.Tensor, input_layer: str | None = None, point: torch.Tensor | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One forward pass: the pre-activation of every ReLU-family call (differentiable in ``point``, which defaults to
+    ``x``; with ``input_layer``, ``point`` replaces that layer's output) and, for calls whose output feeds a max-pool
+    directly, True where a neuron wins no pooling window.
 
     Raises:
         ValueError: when smooth units run (no switching hyperplanes) or no ReLU-family call runs at all.
     """
     with neuron_recorder(model) as recorder:
-        model(x)
+        forward_at(model, x, input_layer, x if point is None else point, recorder)
     if recorder.ungated:
         raise ValueError(f"insens needs a piecewise-linear (ReLU) network; the calls {recorder.ungated[:5]} are smooth "
                          "units, norms or softmax, which have no switching hyperplanes")
@@ -88,6 +91,7 @@ def insens(
     chunk_size: int = 32,
     maxpool_losers: str = "active",
     generator: torch.Generator | None = None,
+    input_layer: str | None = None,
 ) -> InsensMap:
     """Insens ``Ω̂(x)`` for each example of ``x``, with the fast scheme (row norms forward, one backward).
 
@@ -99,18 +103,22 @@ def insens(
         chunk_size: input directions per batched forward.
         maxpool_losers: ``"active"`` (the paper's equation: only ``v ≤ 0`` is inactive) or ``"inactive"``.
         generator: random source for the Hutchinson directions.
+        input_layer: explain in this module's output instead of ``x`` (e.g. the embedding of a token-id model); the
+            map then has that output's shape.
     """
     if maxpool_losers not in LOSER_POLICIES:
         raise ValueError(f"maxpool_losers={maxpool_losers!r} is not one of {LOSER_POLICIES}")
     require_relu_network(model)
     with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
         x = x.detach().clone()
+        _check_input(x, input_layer)
         norms = row_norms_squared(model, x, method=method, samples=samples, chunk_size=chunk_size,
-                                  generator=generator)
-        xg = x.requires_grad_(True)
-        pre, losers = neuron_preactivations(model, xg.clone())
+                                  generator=generator, input_layer=input_layer)
+        xg = layer_output(model, x, input_layer).detach().clone().requires_grad_(True)
+        pre, losers = neuron_preactivations(model, x, input_layer, xg.clone())
         losers = losers if maxpool_losers == "inactive" else {}
         batch = x.shape[0]
+        x = xg.detach()  # the point the map is over: the input, or the input layer's output
         total = torch.zeros((), dtype=x.dtype, device=x.device)
         inactive = torch.zeros(batch, dtype=x.dtype, device=x.device)
         zero_norm = torch.zeros(batch, dtype=x.dtype, device=x.device)
@@ -138,6 +146,12 @@ def insens(
         map=(grad / scale).detach(), inactive=inactive, zero_norm=zero_norm, r_min=r_min,
         active_fraction=active_fraction, method=method,
     )
+
+
+def _check_input(x: torch.Tensor, input_layer: str | None) -> None:
+    if input_layer is None and not x.is_floating_point():
+        raise TypeError(f"the input is {x.dtype} (token ids?), which has no neighbourhood to project onto: pass "
+                        "input_layer='<module name>' (e.g. the embedding) to explain in that layer's output")
 
 
 def insens_naive(model: nn.Module, x: torch.Tensor, maxpool_losers: str = "active") -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from lightning_xai._core.gates import GateRecorder, unwrap_compiled
+from lightning_xai._core.layers import LayerTap, replaced_output
 
 NEURON_UNITS = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ReLU6)
 
@@ -52,17 +53,48 @@ def neuron_recorder(model: nn.Module) -> Iterator[GateRecorder]:
         yield recorder
 
 
-def directional_derivatives(model: nn.Module, x: torch.Tensor, tangents: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``J_l·t`` for each neuron layer l and each tangent t in ``tangents`` ``(T, B, *input_shape)``.
+def layer_output(model: nn.Module, x: torch.Tensor, layer: str | None) -> torch.Tensor:
+    """The tensor neurons are explained in: ``x`` itself, or the output of ``layer`` on ``x`` (e.g. an embedding)."""
+    if layer is None:
+        return x
+    tap = LayerTap(model, layer)
+    try:
+        with torch.no_grad():
+            return tap.truncated(model, x).detach()
+    finally:
+        tap.detach()
 
-    One dual-number forward over the ``T·B`` stacked copies of ``x``; returns tensors of shape ``(T, B, *layer)``.
+
+def forward_at(model: nn.Module, x: torch.Tensor, layer: str | None, point: torch.Tensor,
+               recorder: GateRecorder) -> None:
+    """Run ``model`` with ``point`` as its input (``layer=None``) or as ``layer``'s output on input ``x``."""
+    point = recorder.track(point)
+    if layer is None:
+        model(point)
+        return
+    repeats = point.shape[0] // x.shape[0]
+    stacked = x.repeat(repeats, *([1] * (x.dim() - 1))) if repeats > 1 else x
+    with replaced_output(model, layer, lambda output: point):
+        model(stacked)
+
+
+def directional_derivatives(
+    model: nn.Module, x: torch.Tensor, tangents: torch.Tensor, input_layer: str | None = None
+) -> dict[str, torch.Tensor]:
+    """``J_l·t`` for each neuron layer l and each tangent t in ``tangents`` ``(T, B, *point_shape)``, where the point is
+    ``x`` or, with ``input_layer``, that layer's output on ``x``.
+
+    One dual-number forward over ``T·B`` stacked copies; returns tensors of shape ``(T, B, *layer)``.
     """
-    t = tangents.shape[0]
-    stacked = x.detach().unsqueeze(0).expand(t, *x.shape).reshape(t * x.shape[0], *x.shape[1:])
+    t, batch = tangents.shape[0], x.shape[0]
+    point = layer_output(model, x, input_layer)
+    stacked = point.detach().repeat(t, *([1] * (point.dim() - 1)))
     # forward-mode derivatives need no autograd graph (no_grad leaves dual numbers alone)
-    with torch.no_grad(), fwAD.dual_level(), capture_preactivations(model) as store:
-        model(fwAD.make_dual(stacked, tangents.reshape(stacked.shape).to(stacked)))
-        return {name: fwAD.unpack_dual(v).tangent.reshape(t, x.shape[0], *v.shape[1:]) for name, v in store.items()}
+    with torch.no_grad(), fwAD.dual_level(), neuron_recorder(model) as recorder:
+        dual = fwAD.make_dual(stacked, tangents.reshape(stacked.shape).to(stacked))
+        forward_at(model, x, input_layer, dual, recorder)
+        return {name: fwAD.unpack_dual(v).tangent.reshape(t, batch, *v.shape[1:])
+                for name, v in recorder.neuron_inputs.items()}
 
 
 def row_norms_squared(
@@ -73,6 +105,7 @@ def row_norms_squared(
     samples: int = 64,
     chunk_size: int = 32,
     generator: torch.Generator | None = None,
+    input_layer: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """``‖ŵ_i‖² = ‖∂v_i/∂x‖²`` for every neuron of every layer, per example: tensors ``(B, *layer)``.
 
@@ -84,21 +117,23 @@ def row_norms_squared(
         samples: Hutchinson directions.
         chunk_size: directions per batched forward (memory ``O(chunk·B·N)``).
         generator: random source of the Hutchinson directions.
+        input_layer: norms in the output of this module instead of the input (e.g. an embedding).
     """
     if method not in ("exact", "hutchinson"):
         raise ValueError(f"method={method!r} is not one of ('exact', 'hutchinson')")
-    d = x[0].numel()
+    point = layer_output(model, x, input_layer)
+    d = point[0].numel()
     total = d if method == "exact" else samples
     sums: dict[str, torch.Tensor] = {}
     for start in range(0, total, chunk_size):
         k = min(chunk_size, total - start)
         if method == "exact":
-            basis = torch.zeros(k, d, dtype=x.dtype, device=x.device)
+            basis = torch.zeros(k, d, dtype=point.dtype, device=point.device)
             basis[torch.arange(k), torch.arange(start, start + k)] = 1.0
             tangents = basis[:, None, :].expand(k, x.shape[0], d)
         else:
-            tangents = torch.randn(k, x.shape[0], d, dtype=x.dtype, device=x.device, generator=generator)
-        for name, jt in directional_derivatives(model, x, tangents.reshape(k, *x.shape)).items():
+            tangents = torch.randn(k, x.shape[0], d, dtype=point.dtype, device=point.device, generator=generator)
+        for name, jt in directional_derivatives(model, x, tangents.reshape(k, *point.shape), input_layer).items():
             part = jt.pow(2).sum(0)
             sums[name] = part if name not in sums else sums[name] + part
     if method == "hutchinson":

@@ -9,8 +9,9 @@ At every reporting epoch it linearizes the network on a fixed set of validation 
 * ``linearization/gated``: 1 when the network needed the gated-linear mode (smooth units, norms, softmax), else 0;
 * ``linearization/bias_share``: ``|b|/(|W·x| + |b|)`` of the predicted class (how much of the logit no input
   feature accounts for);
-* ``linearization/r_min_median`` and ``linearization/active_fraction_<layer>`` (ReLU networks): the median distance
-  from an input to the nearest neuron switching boundary, and the fraction of active neurons per layer;
+* ``linearization/r_min_median`` (ReLU networks): the median distance from an input to the nearest neuron switching
+  boundary, i.e. how far the exact map reaches (estimated on at most ``REGION_EXAMPLES`` examples with Hutchinson
+  row norms, so its cost does not grow with the metric set; per-layer active fractions are Insens' scalars);
 * ``linearization/deletion_auc_<order>`` and ``linearization/insertion_auc_<order>`` for the orders ``wx``
   (``W⊙x`` of the predicted class), ``gradient`` (``W`` alone) and ``random`` (Petsiuk et al.'s deletion and
   insertion, probability of the predicted class, baseline 0);
@@ -27,9 +28,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_xai._core.attribution import AttributionCallback
 from lightning_xai._core.batch import BatchFn
+from lightning_xai._core.outputs import OutputFn
 from lightning_xai.insens.core import insens
-from lightning_xai.insens.neurons import neuron_layers
-from lightning_xai.linearization.core import MODES, Linearized, linearize
+from lightning_xai._core.layers import resolve_layer
+from lightning_xai._core.modules import to_module_dtype
+from lightning_xai.linearization.core import MODES, Linearized, linearize, resolve_mode
+
+REGION_EXAMPLES = 8  # examples behind r_min_median
+REGION_DIRECTIONS = 32  # Hutchinson directions per example for its row norms
 
 
 def _pick(lin: Linearized, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +56,10 @@ class Linearization(AttributionCallback):
         every_n_epochs: report every this many validation epochs.
         input_fn: callable ``batch -> input``.
         target_fn: callable ``batch -> target``.
+        output_fn: callable ``model output -> tensor (B, K)`` for models returning a dict, tuple or output object.
+        input_layer: linearize in this module's output instead of the model input (e.g. ``"embed"`` for token-id
+            models; then ``W`` has the embedding's shape, and the deletion/insertion curves, which perturb the raw input,
+            are skipped).
         name: tag prefix (default ``linearization``).
         seed: seed of the random ordering.
     """
@@ -66,6 +76,8 @@ class Linearization(AttributionCallback):
         every_n_epochs: int = 1,
         input_fn: BatchFn | None = None,
         target_fn: BatchFn | None = None,
+        output_fn: OutputFn | None = None,
+        input_layer: str | None = None,
         name: str | None = None,
         seed: int = 0,
     ) -> None:
@@ -76,42 +88,62 @@ class Linearization(AttributionCallback):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {MODES}")
         self.mode = mode
+        self.output_fn, self.input_layer = output_fn, input_layer
         self._announced = False
+
+    def configure(self, trainer: pl.Trainer | None, model: torch.nn.Module) -> None:
+        resolve_mode(model, self.mode)  # unknown modes, recurrent layers and exact-on-gated fail at setup
+        if self.input_layer is not None:
+            resolve_layer(model, self.input_layer)
 
     def explain(self, x: torch.Tensor, classes: torch.Tensor | None = None) -> Linearized:
         """``F(x) = W·x + b`` of the attached model for all outputs (or ``classes``), see :func:`linearize`."""
         if self.model is None:
             raise RuntimeError("Linearization.explain needs the callback to have been set up by trainer.fit")
-        return linearize(self.model, x, classes, mode=self.mode)
+        return linearize(self.model, to_module_dtype(x, self.model), classes, mode=self.mode, input_layer=self.input_layer,
+                         output_fn=self.output_fn)
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         assert self.model is not None
+        x = to_module_dtype(x, self.model)
         lin = self.explain(x)
         if not self._announced:
             self._announced = True
             rank_zero_info(f"Linearization: {type(self.model).__name__} is linearized in {lin.mode} mode.")
         pred = lin.output.argmax(-1)
         w, b = _pick(lin, pred)
-        wx = w * x
+        point = lin.point
+        wx = w * point
         explained = wx.flatten(1).sum(1)
         scores: dict[str, torch.Tensor] = {
             "gated": torch.full_like(b, float(lin.mode == "gated-linear")),
             "bias_share": b.abs() / (explained.abs() + b.abs()).clamp_min(1e-12),
         }
-        scores.update(self.orderings(x, pred, {"wx": wx, "gradient": w}))
-        if lin.mode == "exact" and neuron_layers(self.model):
-            method = "exact" if x[0].numel() <= 1024 else "hutchinson"
+        if self.input_layer is None:
+            scores.update(self.orderings(x, pred, {"wx": wx, "gradient": w}))
+        if lin.mode == "exact" and self.input_layer is None:
+            r_min = self._region_radius(x[:REGION_EXAMPLES])
+            if r_min is not None:
+                scores["r_min_median"] = r_min.median().expand_as(b)
+        return scores, {"residual_max": float(lin.residual().max())}
+
+    def _region_radius(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Distance to the nearest ReLU switching hyperplane per example (None for networks without ReLU units)."""
+        method = "exact" if x[0].numel() <= 256 else "hutchinson"
+        try:
             with self.rng.active(x.device):
-                regions = insens(self.model, x, method=method)
-            scores["r_min_median"] = regions.r_min.median().expand_as(b)
-            for layer, fraction in regions.active_fraction.items():
-                scores[f"active_fraction_{layer}"] = fraction
-        return scores, {"residual_max": float(lin.residual(x).max())}
+                return insens(self.model, x, method=method, samples=REGION_DIRECTIONS, chunk_size=8).r_min
+        except ValueError:  # no ReLU-family unit ran (e.g. a max-pool-only or linear network)
+            return None
 
     def draw(self, trainer: pl.Trainer, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        x = to_module_dtype(x, self.model)
         lin = self.explain(x)
         top2 = lin.output.topk(min(2, lin.output.shape[1]), dim=-1).indices
         w_pred, _ = _pick(lin, top2[:, 0])
         w_next, _ = _pick(lin, top2[:, -1])
-        maps = {"W": w_pred, "W⊙x": w_pred * x, "W − W(runner-up)": w_pred - w_next}
+        maps = {"W": w_pred, "W⊙x": w_pred * lin.point, "W − W(runner-up)": w_pred - w_next}
+        if self.input_layer is not None:  # maps over an embedding: one value per position (summed over features)
+            maps = {name: m.flatten(2).sum(-1) for name, m in maps.items()}
+            x = lin.point.flatten(2).norm(dim=-1)
         self.draw_maps(trainer, x, maps, [f"probe {i}: predicted {int(c)}" for i, c in enumerate(top2[:, 0])])

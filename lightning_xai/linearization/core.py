@@ -15,17 +15,15 @@ against the gated network but whose ``W`` is not the Jacobian of the original on
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_xai._core.autograd import batched_vjp
 from lightning_xai._core.gates import GateRecorder, Mode, classify, refuse_recurrent
-from lightning_xai._core.layers import resolve_layer
+from lightning_xai._core.layers import replaced_output
 from lightning_xai._core.modules import eval_mode
 from lightning_xai._core.outputs import OutputFn, select_output
 
@@ -105,28 +103,6 @@ def resolve_mode(model: nn.Module, mode: str = "auto") -> Mode:
     return detected if mode == "auto" else mode  # type: ignore[return-value]
 
 
-@contextmanager
-def _substitute(model: nn.Module, layer: str | None, value: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[list]:
-    """Within the block, the output of ``layer`` is replaced by ``value(output)``; the replacements are yielded."""
-    seen: list[torch.Tensor] = []
-    if layer is None:
-        yield seen
-        return
-
-    def hook(module: nn.Module, args: Any, output: Any) -> torch.Tensor:
-        if not isinstance(output, torch.Tensor) or not output.is_floating_point():
-            raise TypeError(f"input_layer={layer!r} must output a floating-point tensor to linearize in, got "
-                            f"{type(output).__name__}{'' if not isinstance(output, torch.Tensor) else output.dtype}")
-        seen.append(value(output))
-        return seen[-1]
-
-    handle = resolve_layer(model, layer).register_forward_hook(hook)
-    try:
-        yield seen
-    finally:
-        handle.remove()
-
-
 def _check_input(x: torch.Tensor, input_layer: str | None) -> None:
     if input_layer is None and not x.is_floating_point():
         raise TypeError(f"the input is {x.dtype} (token ids?), and a network is not linear in integer ids: pass "
@@ -180,7 +156,7 @@ def linearize(
     with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
         x = x.detach().clone()
         leaf = x.requires_grad_(True) if input_layer is None else None
-        with recorder.record(), _substitute(model, input_layer, lambda o: recorder.track(_leaf(o))) as subs:
+        with recorder.record(), replaced_output(model, input_layer, lambda o: recorder.track(_leaf(o))) as subs:
             out = select_output(model(x.clone() if leaf is not None else x), output_fn, who="linearize").flatten(1)
         point = leaf if leaf is not None else subs[0]
         resolved = _resolved(recorder, mode)
@@ -191,7 +167,7 @@ def linearize(
         if bias == "difference":
             offset = output - (weight.flatten(2) * point.detach().flatten(1)[:, None, :]).sum(-1)
             return Linearized(weight, offset, output, idx, resolved, point.detach())
-        with torch.no_grad(), recorder.replay(), _substitute(model, input_layer, lambda o: recorder.track(torch.zeros_like(o))):
+        with torch.no_grad(), recorder.replay(), replaced_output(model, input_layer, lambda o: recorder.track(torch.zeros_like(o))):
             zero_in = torch.zeros_like(x) if input_layer is None else x
             offset = select_output(model(zero_in), output_fn, who="linearize").flatten(1).gather(1, idx)
     result = Linearized(weight, offset, output, idx, resolved, point.detach())

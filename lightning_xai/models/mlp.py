@@ -17,6 +17,11 @@ from lightning_xai.models.classifier import ClassifierModule, as_shape
 __all__ = ["MLP"]
 
 
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh,
+}
+
+
 class MLP(ClassifierModule):
     """Fully connected ReLU network: ``net = Flatten, (Linear, ReLU[, Dropout]) per hidden layer, Linear``.
 
@@ -28,6 +33,8 @@ class MLP(ClassifierModule):
         num_classes: Number of target classes.
         hidden: Widths of the hidden layers (may be empty for a linear model).
         dropout: Dropout probability after each hidden activation, in [0, 1).
+        activation: hidden activation, one of :data:`ACTIVATIONS` (``"relu"``: piecewise-linear, so Linearization
+            is exact and Insens applies; a smooth one puts Linearization in gated-linear mode).
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
     """
@@ -38,6 +45,7 @@ class MLP(ClassifierModule):
         num_classes: int = 2,
         hidden: Sequence[int] = (64, 32),
         dropout: float = 0.0,
+        activation: str = "relu",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
     ) -> None:
@@ -47,13 +55,15 @@ class MLP(ClassifierModule):
         num_classes, dropout, lr, weight_decay = int(num_classes), float(dropout), float(lr), float(weight_decay)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is not one of {sorted(ACTIVATIONS)}")
         self.save_hyperparameters()
         self.input_shape = input_shape
 
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
         for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
+            layers += [nn.Linear(width, h), ACTIVATIONS[activation]()]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             width = h

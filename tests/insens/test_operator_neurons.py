@@ -70,3 +70,33 @@ def test_functional_smooth_units_are_refused_naming_the_call():
 
     with pytest.raises(ValueError, match="gelu"):
         insens(Smooth(), torch.randn(2, 3))
+
+
+def test_token_ids_are_explained_in_the_embedding():
+    class TokenNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(30, 6)
+            self.fc1, self.fc2 = nn.Linear(6, 10), nn.Linear(10, 2)
+
+        def forward(self, ids):
+            return self.fc2(F.relu(self.fc1(self.embed(ids))).mean(1))
+
+    torch.manual_seed(2)
+    model, ids = TokenNet().double(), torch.randint(0, 30, (3, 5))
+    with pytest.raises(TypeError, match="input_layer"):
+        insens(model, ids)
+    result = insens(model, ids, input_layer="embed")
+    assert result.map.shape == (3, 5, 6) and result.map.abs().max() > 0
+    # the same network fed the embedding directly gives the same map
+    class FromEmbedding(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, e):
+            return self.net.fc2(F.relu(self.net.fc1(e)).mean(1))
+
+    direct = insens(FromEmbedding(model), model.embed(ids).detach())
+    assert (result.map - direct.map).abs().max() < 1e-12
+    assert torch.equal(result.inactive, direct.inactive)

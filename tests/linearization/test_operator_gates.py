@@ -8,6 +8,7 @@ from _vision import timm_or_skip, torchvision_models
 from torch import nn
 
 from lightning_xai._core.gates import GateRecorder
+from lightning_xai._core.layers import resolve_layer
 from lightning_xai._core.outputs import OutputFormatError
 from lightning_xai.linearization import frozen_gate_forward, linearize
 
@@ -142,6 +143,9 @@ def test_compiled_submodule_is_explained_through_its_original_module():
     with recorder.record():
         recorder.model(x)
     assert [site.name for site in recorder.sites] == ["1"]  # names without _orig_mod
+    assert resolve_layer(model, "0._orig_mod") is model[0]._orig_mod
+    nested = nn.Sequential(torch.compile(nn.Sequential(nn.Linear(2, 2), nn.ReLU())))
+    assert resolve_layer(nested, "0.1") is resolve_layer(nested, "0._orig_mod.1")
 
 
 class TokenNet(nn.Module):
