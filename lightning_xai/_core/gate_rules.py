@@ -218,16 +218,23 @@ _POOL_INDEX_POSITION = {F.max_pool1d: 6, F.max_pool2d: 6, F.max_pool3d: 6, F.ada
                         F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 2}
 
 
-def pool_winners(func: Callable, args: tuple, kwargs: dict) -> tuple[T, bool]:
-    """Flat per-channel indices of each max-pool window's winner, and whether the call returned them itself."""
+def pool_with_winners(func: Callable, args: tuple, kwargs: dict) -> tuple[T, T, bool]:
+    """A max-pool call run once with ``return_indices=True``: its output, the flat per-channel index of each
+    window's winner, and whether the caller asked for the indices itself."""
     position = _POOL_INDEX_POSITION[func]
     wanted = bool(arg(args, kwargs, position, "return_indices", False))
     if len(args) > position:
         args = args[:position] + (True,) + args[position + 1 :]
     else:
         kwargs = {**kwargs, "return_indices": True}
+    out, idx = func(*args, **kwargs)
+    return out, idx, wanted
+
+
+def pool_winners(func: Callable, args: tuple, kwargs: dict) -> tuple[T, bool]:
+    """Flat per-channel indices of each max-pool window's winner, and whether the call returned them itself."""
     with torch.no_grad():
-        _, idx = func(args[0].detach(), *args[1:], **kwargs)
+        _, idx, wanted = pool_with_winners(func, (args[0].detach(), *args[1:]), kwargs)
     return idx, wanted
 
 

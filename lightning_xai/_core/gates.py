@@ -27,8 +27,9 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_map
 
 from lightning_xai._core import gate_rules as R
 
@@ -128,6 +129,8 @@ class GateRecorder(TorchFunctionMode):
         self._gate_outputs: dict[int, weakref.ref] = {}
         self._neuron_outputs: dict[int, tuple[weakref.ref, str]] = {}
         self._manual = False
+        self._names: dict[int, str] | None = None  # module id -> name, built at the first session
+        self._compiled = False
 
     # ------------------------------------------------------------------ public contexts
     @property
@@ -166,12 +169,15 @@ class GateRecorder(TorchFunctionMode):
         self._phase, self._cursor, self._counts, self._stack = phase, 0, {}, []
         self._dependent, self._gate_outputs, self._neuron_outputs = {}, {}, {}
         self._manual = False
+        if self._names is None:
+            self._names = {id(m): unwrap_compiled(n) for n, m in self.model.named_modules()}
+            self._compiled = any(type(m).__name__ == "OptimizedModule" for m in self.model.modules())
         with contextlib.ExitStack() as stack:
-            for name, module in self.model.named_modules():
-                stack.enter_context(module.register_forward_pre_hook(self._enter(name)))
-                stack.enter_context(module.register_forward_hook(self._leave, always_call=True))
+            # global module hooks (two registrations, whatever the model's size), active for this session only
+            stack.enter_context(register_module_forward_pre_hook(self._enter))
+            stack.enter_context(register_module_forward_hook(self._leave, always_call=True))
             stance = getattr(torch.compiler, "set_stance", None)
-            if stance is not None:
+            if stance is not None and self._compiled:
                 stack.enter_context(stance("force_eager"))
             stack.enter_context(self)
             try:
@@ -182,18 +188,18 @@ class GateRecorder(TorchFunctionMode):
             raise RuntimeError(f"replay ran {self._cursor} of {len(self.sites)} recorded gates: the forward pass took "
                                "another path on the replayed input (data-dependent control flow cannot be linearized)")
 
-    def _enter(self, name: str) -> Callable:
-        def hook(module: nn.Module, args: Any) -> None:
-            if not self._stack:  # a new forward pass: names count from one again
-                self._counts = {}
-                if not self._manual:
-                    self._mark(args)  # the outermost call's inputs are what the network is linear in
-            self._stack.append((unwrap_compiled(name), module))
-
-        return hook
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        name = self._names.get(id(module)) if self._names is not None else None
+        if name is None:
+            return  # a module outside the explained model
+        if not self._stack:  # a new forward pass: names count from one again
+            self._counts = {}
+            if not self._manual:
+                self._mark(args)  # the outermost call's inputs are what the network is linear in
+        self._stack.append((name, module))
 
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._stack:
+        if self._stack and self._stack[-1][1] is module:
             self._stack.pop()
 
     def _site_name(self, func: Callable) -> str:
@@ -208,9 +214,8 @@ class GateRecorder(TorchFunctionMode):
     # ------------------------------------------------------------------ dependence bookkeeping
     def _mark(self, value: Any, registry: dict | None = None) -> None:
         registry = self._dependent if registry is None else registry
-        for leaf in tree_leaves(value):
-            if isinstance(leaf, torch.Tensor):
-                registry[id(leaf)] = weakref.ref(leaf)
+        for leaf in _tensors(value):
+            registry[id(leaf)] = weakref.ref(leaf)
 
     @staticmethod
     def _member(t: Any, registry: dict) -> bool:
@@ -218,7 +223,7 @@ class GateRecorder(TorchFunctionMode):
         return ref is not None and ref() is t
 
     def _depends(self, value: Any) -> bool:
-        return any(self._member(leaf, self._dependent) for leaf in tree_leaves(value))
+        return any(self._member(leaf, self._dependent) for leaf in _tensors(value))
 
     # ------------------------------------------------------------------ dispatch
     def __torch_function__(self, func: Callable, types_: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -286,10 +291,10 @@ class GateRecorder(TorchFunctionMode):
             self.sites.append(Site(name, rule.kind, False, R.tangent(rule, func, args, kwargs, z0, out)))
             return out
         if rule.kind == "pool":
-            idx, wanted = R.pool_winners(func, args, kwargs)
-            self._note_losers(z, idx)
-            self.sites.append(Site(name, "pool", False, (idx,), wanted))
-            return func(*args, **kwargs)
+            out, idx, wanted = R.pool_with_winners(func, args, kwargs)
+            self._note_losers(z, idx.detach())
+            self.sites.append(Site(name, "pool", False, (idx.detach(),), wanted))
+            return (out, idx) if wanted else out
         if rule.kind == "select":
             return self._record_selection(name, func, args, kwargs)
         if rule.kind == "reduce":
@@ -326,7 +331,7 @@ class GateRecorder(TorchFunctionMode):
             site, new = (gate, torch.zeros_like(gate)), gate * z
         elif rule.kind == "held":
             new = base(*base_args, **base_kwargs)
-            site = tuple(t.detach() for t in tree_leaves(new) if isinstance(t, torch.Tensor))
+            site = tuple(t.detach() for t in _tensors(new))
             new = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, new)
         elif rule.kind == "log_softmax":
             dim = R.arg(args, kwargs, 1, "dim")
@@ -443,6 +448,20 @@ class GateRecorder(TorchFunctionMode):
         if rule.kind == "neuron":
             self._neuron_outputs[id(out)] = (weakref.ref(out), name)
         return out
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors in a call's arguments or result, however nested in tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            if isinstance(item, (torch.Tensor, tuple, list, dict)):
+                yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            if isinstance(item, (torch.Tensor, tuple, list, dict)):
+                yield from _tensors(item)
 
 
 def _write(z: torch.Tensor, new: Any, inplace: bool) -> Any:
