@@ -5,6 +5,12 @@ validation examples, filled during the first validation pass and stored in the c
 images, on global rank zero) and a larger metric set (scalars, on every rank, averaged across ranks by a torchmetrics
 metric). A subclass implements :meth:`AttributionCallback.evaluate` (per-example scalars) and
 :meth:`AttributionCallback.draw` (images).
+
+Both sets hold finite examples only: a validation row with NaN/Inf is left out and counted, and the count over all
+ranks is logged as ``<prefix>/skipped`` with every report. Rows a ``DistributedSampler`` repeats to even out the
+ranks are left out too, so the scalars of N processes are the scalars of one process over the same examples (as
+long as ``metric_size`` covers each rank's share). A rank whose metric set is empty still takes part in the
+collectives, with weight zero.
 """
 
 from __future__ import annotations
@@ -88,18 +94,36 @@ class AttributionCallback(ExplainerCallback):
         names = getattr(trainer.datamodule, "feature_names", None) if trainer.datamodule is not None else None
         log_image(trainer, self.tag("probes"), figure_to_image(feature_bars(rows, names, titles[: len(rows)])))
 
+    def _metric_batch(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, int] | None:
+        """The metric set on ``device`` and its weight (its size); an empty set gives one all-zero placeholder row
+        of the shape seen in validation, with weight 0 (so this rank joins the collectives); None if never seen."""
+        if self.examples.inputs is not None and len(self.examples):
+            y = None if self.examples.targets is None else self.examples.targets.to(device)
+            return self.examples.inputs.to(device), y, len(self.examples)
+        if self.examples.template is None:
+            return None
+        shape, dtype = self.examples.template
+        return torch.zeros((1, *shape), dtype=dtype, device=device), None, 0
+
     def report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.examples.inputs is None:
-            return
         device = pl_module.device
-        x = self.examples.inputs.to(device)
-        y = None if self.examples.targets is None else self.examples.targets.to(device)
+        counts = torch.tensor([float(len(self.examples)), float(self.examples.skipped)], device=device)
+        n, skipped = all_reduce_(counts, "sum").tolist()  # a collective: every rank reports
+        batch = self._metric_batch(device) if n else None
+        if batch is None:
+            if skipped:
+                log_scalars(pl_module, {self.tag("skipped"): skipped})
+            return
+        x, y, weight = batch
         means, maxima = self.evaluate(x, y)
         average = MeanOfNamed(sorted(means)).to(device)
-        average.update({k: v.float().mean() for k, v in means.items()}, weight=x.shape[0])
+        rows = {k: v.float().mean() if weight else torch.zeros((), device=device) for k, v in means.items()}
+        average.update(rows, weight=weight)
         values = average.compute()  # a collective under DDP: every rank gets here
         for key in sorted(maxima):
-            values[key] = all_reduce_(torch.tensor(float(maxima[key]), device=device), "max")
+            local = float(maxima[key]) if weight else float("-inf")
+            values[key] = all_reduce_(torch.tensor(local, device=device), "max")
+        values["skipped"] = torch.tensor(skipped)
         log_scalars(pl_module, {self.tag(k): v for k, v in values.items()})
         if trainer.is_global_zero and self.probe.inputs is not None:
             probe_y = None if self.probe.targets is None else self.probe.targets.to(device)

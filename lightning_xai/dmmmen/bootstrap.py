@@ -11,7 +11,9 @@ editing the top-N features of a component against N random features, over bootst
 
 The authors' code scales the copied values (−0.5×, 5×, 3× the reference) for MNIST-style pixels; here the edits are
 plain substitutions (baseline value, reference value), which keep the inputs inside the data range for any
-standardisation, and the reference is the in-class input the network scores highest.
+standardisation, and the reference is the in-class input the network scores highest. Integer inputs (token ids) are
+edited alike (the baseline id, the reference's ids) and the new cases are random ids drawn uniformly from the
+``noise`` range.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_xai._core.modules import eval_mode
+from lightning_xai._core.outputs import OutputFn
+from lightning_xai.dmmmen.network import network_logits
 
 
 @dataclass
@@ -39,13 +42,24 @@ class BootstrapResult:
         return dict(self.__dict__)
 
 
-def positive_rate(model: nn.Module, x: torch.Tensor, target: int, batch_size: int = 512) -> float:
+def positive_rate(
+    model: nn.Module, x: torch.Tensor, target: int, batch_size: int = 512, output_fn: OutputFn | None = None
+) -> float:
     """Fraction of ``x`` the model classifies as ``target`` (eval mode, no gradients)."""
-    hits = 0
-    with torch.no_grad(), eval_mode(model):
-        for start in range(0, x.shape[0], batch_size):
-            hits += int((model(x[start : start + batch_size]).argmax(-1) == target).sum())
-    return hits / max(1, x.shape[0])
+    if x.shape[0] == 0:
+        return 0.0
+    logits = network_logits(model, x, output_fn, batch_size)
+    return int((logits.argmax(-1) == target).sum()) / x.shape[0]
+
+
+def noise_inputs(like: torch.Tensor, low: float, high: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Inputs shaped and typed like ``like``: uniform in ``[low, high)``, or uniform integers in ``[low, high]`` for
+    integer inputs (token ids)."""
+    if like.is_floating_point():
+        fresh = low + (high - low) * torch.rand(like.shape, generator=generator)
+    else:
+        fresh = torch.randint(int(low), int(high) + 1, like.shape, generator=generator)
+    return fresh.to(device=like.device, dtype=like.dtype)
 
 
 def _edit(x: torch.Tensor, features: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -67,6 +81,7 @@ def bootstrap_tests(
     fraction: float = 0.3,
     noise: tuple[float, float] = (0.0, 1.0),
     generator: torch.Generator | None = None,
+    output_fn: OutputFn | None = None,
 ) -> BootstrapResult:
     """Run the three tests for the flat input features ``top_features`` against as many random features.
 
@@ -80,16 +95,17 @@ def bootstrap_tests(
             features).
         repeats: bootstrap repeats; each resamples ``fraction`` of the inputs with replacement.
         fraction: resample size as a fraction of the inputs.
-        noise: ``(low, high)`` of the uniform noise inputs of the new-cases test, in the data's range.
+        noise: ``(low, high)`` of the uniform noise inputs of the new-cases test, in the data's range (for integer
+            inputs, the range of the random ids, inclusive).
         generator: random source (resamples, random features, noise).
+        output_fn: callable ``model output -> logits (B, K)`` for models that return a dict, tuple or object.
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction={fraction!r} must lie in (0, 1]")
     n_features = in_class[0].numel()
     k = top_features.numel()
     device = in_class.device
-    with torch.no_grad(), eval_mode(model):
-        scores = torch.cat([model(in_class[i : i + 512]).softmax(-1)[:, target] for i in range(0, len(in_class), 512)])
+    scores = network_logits(model, in_class, output_fn).softmax(-1)[:, target]
     reference = in_class[int(scores.argmax())].reshape(-1)
     totals = {key: 0.0 for key in BootstrapResult.__dataclass_fields__}
     for _ in range(repeats):
@@ -97,10 +113,13 @@ def bootstrap_tests(
         pick_in = torch.randint(len(in_class), (max(1, int(fraction * len(in_class))),), generator=generator)
         pick_out = torch.randint(len(other_class), (max(1, int(fraction * len(other_class))),), generator=generator)
         ins, outs = in_class[pick_in.to(device)], other_class[pick_out.to(device)]
-        low, high = noise
-        fresh = low + (high - low) * torch.rand(ins.shape, generator=generator).to(device)
+        fresh = noise_inputs(ins, *noise, generator)
         for label, features in (("top", top_features.to(device)), ("random", random_features)):
-            totals[f"nullification_{label}"] += positive_rate(model, _edit(ins, features, baseline), target)
-            totals[f"filling_{label}"] += positive_rate(model, _edit(outs, features, reference[features]), target)
-            totals[f"new_cases_{label}"] += positive_rate(model, _edit(fresh, features, reference[features]), target)
+            edits = {
+                "nullification": _edit(ins, features, baseline),
+                "filling": _edit(outs, features, reference[features]),
+                "new_cases": _edit(fresh, features, reference[features]),
+            }
+            for test, edited in edits.items():
+                totals[f"{test}_{label}"] += positive_rate(model, edited, target, output_fn=output_fn)
     return BootstrapResult(**{key: value / repeats for key, value in totals.items()})

@@ -13,9 +13,30 @@ At each report it logs, for the explained class, on held-out validation inputs o
 ``dmmmen/rmsd_prob`` (RMSD between the sigmoid of the surrogate's prediction and the network's probability, the
 paper's fidelity figure; mixture mean, no access to the network's output), ``dmmmen/rmsd_prob_assigned`` (each input
 in the component its network output makes most likely: the local explanation's fidelity), ``dmmmen/r2`` (on logits),
-``dmmmen/coverage90`` (90% predictive intervals), ``dmmmen/occupied`` and the paper's three bootstrap tests (PCR of
-top-N features vs N random ones, see :mod:`~lightning_xai.dmmmen.bootstrap`), plus the images
-``dmmmen/components`` (coefficient maps of the occupied components, heaviest first) and ``dmmmen/weights``.
+``dmmmen/coverage90`` (90% predictive intervals), ``dmmmen/occupied``, ``dmmmen/skipped`` (rows left out for NaN/Inf,
+see below) and the paper's three bootstrap tests (PCR of top-N features vs N random ones, see
+:mod:`~lightning_xai.dmmmen.bootstrap`), plus the images ``dmmmen/components`` (coefficient maps of the occupied
+components, heaviest first) and ``dmmmen/weights``.
+
+Bad rows: a training input holding NaN/Inf never enters the reservoir, and a reservoir or metric-set row on which the
+network's output is NaN/Inf is left out of that fit or report; ``dmmmen/skipped`` counts, at each report, the
+training inputs kept out since the previous report plus the stored and metric-set rows left out of this report's fit
+and scores (one warning per kind). A fit with fewer than two finite rows of the class is skipped with a warning and
+the run goes on. When the network's output for the class is constant, R² is undefined: ``dmmmen/r2`` is not logged
+(one warning) rather than a meaningless number.
+
+Precision: the sampler works in float64 whatever the network's precision (``"64-true"``, ``"bf16-true"``, mixed);
+inputs are cast to the network's dtype for its forwards and its logits back to float64.
+
+Inputs: DMM-MEN regresses on input features. Integer inputs (token ids) are used as numeric features (cast to float64,
+one warning): each coefficient then weighs a position's id value, which is only meaningful for ordinal integers
+(counts, bins); the bootstrap tests edit them as ids (baseline id 0, the reference's ids, random ids in the observed
+range).
+
+Outputs: a model returning a dict, a tuple or an object needs ``output_fn`` (``model output -> logits (B, K)``); every
+forward DMM-MEN runs goes through it. The first training batch checks the output once (one eval-mode forward of two
+rows, no random stream touched), so a missing ``output_fn`` or a ``target_class`` out of range fails there, not after
+an epoch.
 """
 
 from __future__ import annotations
@@ -30,10 +51,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning_xai._core.batch import BatchFn
 from lightning_xai._core.callback import ExplainerCallback
 from lightning_xai._core.logging import figure_to_image, log_image, log_scalars
-from lightning_xai._core.modules import eval_mode
+from lightning_xai._core.outputs import OutputFn
 from lightning_xai.dmmmen.bootstrap import bootstrap_tests
 from lightning_xai.dmmmen.features import FeatureSelector, class_logit
 from lightning_xai.dmmmen.model import DMMMENSurrogate
+from lightning_xai.dmmmen.network import network_logits
 from lightning_xai.viz import diverging, new_figure, stack_rows, tile_row
 
 
@@ -50,15 +72,25 @@ class DMMMEN(ExplainerCallback):
         sweeps: Gibbs sweeps of the first fit; refits run ``refit_sweeps``.
         refit_sweeps: Gibbs sweeps of each warm-started refit.
         time_budget: seconds one fit may take at most (``None``: no limit).
-        max_examples: training inputs kept per process (reservoir sampling, fixed memory).
+        max_examples: training inputs kept per process (reservoir sampling, fixed memory, time linear in the stream).
         top_features: N of the bootstrap tests.
         metric_size: validation inputs per process behind the scalars.
-        every_n_epochs: refit and report every this many validation epochs.
+        every_n_epochs: refit and report every this many validation epochs (and once at the end of training); a
+            validation epoch that passes without a refit because of it is warned about once.
         progress: show a progress bar during fits.
         input_fn: callable ``batch -> input``.
         target_fn: callable ``batch -> labels``; without labels the network's predictions choose the class's inputs.
+        output_fn: callable ``model output -> logits (B, K)``, for models that return a dict, a tuple or an object
+            (``None``: the model returns the logits tensor itself).
         name: tag prefix (default ``dmmmen``).
         seed: seed of the sampler and of the reservoir.
+
+    Identity: every argument that changes what is fitted (``target_class``, the feature choice, the mixture's size,
+    the sweeps, the reservoir size, the seed) is part of the callback's :attr:`identity` and ``state_key``
+    (``input_fn``, ``target_fn`` and ``output_fn`` are recorded by qualified name: a changed name on resume warns), so
+    ``[DMMMEN(target_class=0), DMMMEN(target_class=1)]`` attach together (logging under ``dmmmen-target_class=0/``
+    and ``dmmmen-target_class=1/``) and a checkpoint fitted for another class fails to load, naming the argument;
+    ``time_budget``, ``progress``, ``metric_size`` and ``every_n_epochs`` may change on resume.
     """
 
     method = "dmmmen"
@@ -81,6 +113,7 @@ class DMMMEN(ExplainerCallback):
         progress: bool = True,
         input_fn: BatchFn | None = None,
         target_fn: BatchFn | None = None,
+        output_fn: OutputFn | None = None,
         name: str | None = None,
         seed: int = 0,
     ) -> None:
@@ -91,22 +124,33 @@ class DMMMEN(ExplainerCallback):
                            ("metric_size", metric_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{key}={value!r} must be a positive integer")
-        if not isinstance(target_class, int) or target_class < 0:
+        if not isinstance(target_class, int) or isinstance(target_class, bool) or target_class < 0:
             raise ValueError(f"target_class={target_class!r} must be a non-negative class index")
         if time_budget is not None and time_budget <= 0:
             raise ValueError(f"time_budget={time_budget!r} must be positive or None")
+        if output_fn is not None and not callable(output_fn):
+            raise ValueError(f"output_fn={output_fn!r} must be a callable (model output -> logits (B, K)) or None")
         self.target_class = target_class
         self.n_features, self.sweeps, self.refit_sweeps = n_features, sweeps, refit_sweeps
         self.time_budget, self.max_examples, self.top_features = time_budget, max_examples, top_features
         self.progress = progress
+        self.output_fn = output_fn
+        self.n_components, self.n_nets, self.seed = n_components, n_nets, seed
+        self.feature_indices = None if feature_indices is None else [int(i) for i in feature_indices]
         self._surrogate_args = (n_components, n_nets, seed)
         self._surrogate: DMMMENSurrogate | None = None  # built on first use: a torch.Generator cannot cross ddp_spawn
         self.selector = None if feature_indices is None else FeatureSelector(indices=list(feature_indices))
-        self._pool: torch.Tensor | None = None  # reservoir of training inputs (CPU)
-        self._labels: torch.Tensor | None = None
+        self._buffer: torch.Tensor | None = None  # reservoir of training inputs (CPU); rows [0, _filled) are kept
+        self._buffer_labels: torch.Tensor | None = None
+        self._filled = 0
         self._seen = 0
         self.fits = 0
         self.skipped_rows = 0  # training inputs left out of the reservoir for holding NaN/Inf
+        self._skipped_reported = 0  # skipped_rows at the previous report
+        self._fit_skipped = 0  # reservoir rows the last fit left out (non-finite network output)
+        self._reports = 0
+        self._warned: set[str] = set()
+        self._io_checked = False
 
     @property
     def surrogate(self) -> DMMMENSurrogate:
@@ -127,44 +171,124 @@ class DMMMEN(ExplainerCallback):
             state["_surrogate"] = None
         return state
 
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            rank_zero_warn(f"DMMMEN: {message}")
+
     # ------------------------------------------------------------------ collecting
+    @property
+    def pool(self) -> torch.Tensor | None:
+        """The training inputs kept in the reservoir (``None`` before the first batch)."""
+        return None if self._buffer is None else self._buffer[: self._filled]
+
+    @property
+    def pool_labels(self) -> torch.Tensor | None:
+        """Their labels (``None`` when the batches carry none)."""
+        return None if self._buffer_labels is None else self._buffer_labels[: self._filled]
+
     def train_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         x, y = self.batches.input(batch).detach().cpu(), self.batches.target(batch)
         y = None if y is None else y.detach().cpu()
-        finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
-        if not bool(finite.all()):  # a NaN/Inf input would make every later fit fail: keep it out of the reservoir
-            if self.skipped_rows == 0:
-                rank_zero_warn("DMMMEN: skipped training inputs holding NaN/Inf (counted in skipped_rows).")
+        if not self._io_checked and self.model is not None and x.shape[0]:
+            self._check_model_io(x)
+        if not x.is_floating_point():
+            self._warn_once("integer", f"the inputs are {x.dtype} (token ids?): DMM-MEN regresses on input features, "
+                            "so they are used as numbers (cast to float64); each coefficient weighs the value at one "
+                            "position, which is meaningful for ordinal values (counts, pixels), not for token ids.")
+        finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(1) if x.is_floating_point() else None
+        if finite is not None and not bool(finite.all()):  # a NaN/Inf input would spoil every later fit
+            self._warn_once("inputs", "skipped training inputs holding NaN/Inf (counted in skipped_rows and "
+                            f"{self.tag('skipped')}).")
             self.skipped_rows += int((~finite).sum())
             x, y = x[finite], None if y is None else y[finite]
-        with self.rng.active():  # reservoir sampling (Vitter's algorithm R) from the private stream
-            for i in range(x.shape[0]):
-                self._seen += 1
-                if self._pool is None or self._pool.shape[0] < self.max_examples:
-                    self._append(x[i : i + 1], None if y is None else y[i : i + 1])
-                else:
-                    j = int(torch.randint(self._seen, ()))
-                    if j < self.max_examples:
-                        self._pool[j] = x[i]
-                        if self._labels is not None and y is not None:
-                            self._labels[j] = y[i]
+        self._offer(x, y)
 
-    def _append(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
-        self._pool = x.clone() if self._pool is None else torch.cat([self._pool, x])
-        if y is not None:
-            self._labels = y.clone() if self._labels is None else torch.cat([self._labels, y])
+    def _check_model_io(self, x: torch.Tensor) -> None:
+        """At the first batch: the model's output on a row or two is ``(B, K)`` logits with ``target_class < K``."""
+        self._io_checked = True
+        with torch.random.fork_rng(devices=[]):  # leaves every random stream alone
+            logits = network_logits(self.model, x[:2], self.output_fn)
+        if logits.shape[1] < 2 or self.target_class >= logits.shape[1]:
+            raise ValueError(f"DMMMEN: target_class={self.target_class} needs logits (B, K) with K >= 2 and "
+                             f"target_class < K; the model's output gives shape {tuple(logits.shape)} (choose the "
+                             "logits with output_fn, or a class in range).")
+
+    def _offer(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        """Offer a batch to the reservoir (Vitter's algorithm R, vectorised: O(batch) per batch).
+
+        Free slots take the first rows; each later row, the t-th of the stream, replaces slot ``j`` drawn uniformly
+        from ``[0, t)`` when ``j < max_examples`` (the last row drawn for a slot wins, as one at a time would), so
+        the reservoir is a uniform sample of the stream. The draws come from the callback's private stream.
+        """
+        n = x.shape[0]
+        if n == 0:
+            return
+        if self._buffer is not None and tuple(self._buffer.shape[1:]) != tuple(x.shape[1:]):
+            raise ValueError(f"DMMMEN: training inputs must all have one shape; got {tuple(x.shape[1:])} after "
+                             f"{tuple(self._buffer.shape[1:])} (pad them to one length with input_fn).")
+        if self._filled and (y is None) != (self._buffer_labels is None):
+            self._warn_once("labels", "some training batches carry labels and some do not: the class's inputs are "
+                            "chosen by the network's predictions.")
+            self._buffer_labels, y = None, None
+        free = min(n, self.max_examples - self._filled)
+        if free:
+            self._grow(self._filled + free, x, y)
+            self._buffer[self._filled : self._filled + free] = x[:free]
+            if y is not None:
+                self._buffer_labels[self._filled : self._filled + free] = y[:free]
+            self._filled += free
+        if free < n:
+            rows, slots = self._replacements(self._seen + free, n - free)
+            rows += free
+            self._buffer[slots] = x[rows].to(self._buffer.dtype)
+            if y is not None:
+                self._buffer_labels[slots] = y[rows].to(self._buffer_labels.dtype)
+        self._seen += n
+
+    def _replacements(self, seen: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the next ``m`` rows after ``seen`` of a full reservoir: the rows (offsets) that enter and their slots."""
+        t = seen + torch.arange(1, m + 1, dtype=torch.float64)  # each row's 1-based position in the stream
+        with self.rng.active():
+            u = torch.rand(m, dtype=torch.float64)
+        j = torch.minimum((u * t).long(), t.long() - 1)  # uniform in [0, t)
+        rows = torch.nonzero(j < self.max_examples).flatten()
+        slots, inverse = torch.unique(j[rows], return_inverse=True)
+        last = torch.full((slots.numel(),), -1, dtype=torch.long).scatter_reduce(0, inverse, rows, reduce="amax")
+        return last, slots
+
+    def _grow(self, rows: int, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        """Make room for ``rows`` kept inputs: capacity doubles (at most ``max_examples``), so filling is linear."""
+        capacity = 0 if self._buffer is None else self._buffer.shape[0]
+        if rows > capacity:
+            capacity = min(self.max_examples, max(rows, 2 * capacity, 64))
+            self._buffer = _resized(self._buffer, self._filled, capacity, x)
+        if y is not None and (self._buffer_labels is None or self._buffer_labels.shape[0] < capacity):
+            self._buffer_labels = _resized(self._buffer_labels, self._filled, capacity, y)
 
     # ------------------------------------------------------------------ fitting
-    def _class_inputs(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The inputs of the explained class (by label, else by the network's prediction) and the others."""
-        logits = self._logits(x)
-        chosen = (labels if labels is not None else logits.argmax(-1)).to(x.device) == self.target_class
-        return x[chosen], x[~chosen]
-
     def _logits(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """The network's logits (n, K) on ``x`` in float64, through ``output_fn``, inputs cast to its dtype."""
         assert self.model is not None
-        with torch.no_grad(), eval_mode(self.model):
-            return torch.cat([self.model(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+        return network_logits(self.model, x, self.output_fn, batch_size)
+
+    def _class_rows(
+        self, x: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Split ``x`` into the inputs of the explained class (by label, else by the network's prediction) with their
+        target (float64 CPU), and the others; rows whose input or network output is NaN/Inf are left out and counted.
+        """
+        logits = self._logits(x)
+        keep = torch.isfinite(logits).all(1)
+        if x.is_floating_point():
+            keep &= torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
+        left_out = int((~keep).sum())
+        if left_out:
+            self._warn_once("outputs", f"left out {left_out} row(s) on which the input or the network's output is "
+                            f"NaN/Inf (counted in {self.tag('skipped')}).")
+        chosen = (labels.to(x.device) if labels is not None else logits.argmax(-1)) == self.target_class
+        target = class_logit(logits[keep & chosen], self.target_class).cpu()
+        return x[keep & chosen], target, x[keep & ~chosen], left_out
 
     def _gathered(
         self, trainer: pl.Trainer | None, x: torch.Tensor | None, y: torch.Tensor | None
@@ -186,78 +310,121 @@ class DMMMEN(ExplainerCallback):
 
     def refit(self, trainer: pl.Trainer | None = None, device: torch.device | str = "cpu") -> None:
         """(Re)fit the surrogate on the current network's outputs for the stored inputs of the class."""
-        pool, labels = self._gathered(trainer, self._pool, self._labels)
+        pool, labels = self._gathered(trainer, self.pool, self.pool_labels)
         rank_zero = trainer is None or trainer.is_global_zero
         if rank_zero and pool is not None:
-            x_class, _ = self._class_inputs(pool.to(device), labels)
-            if x_class.shape[0] >= 2:
-                if self.selector is None:
-                    self.selector = FeatureSelector(min(self.n_features, x_class[0].numel()))
-                if self.selector.input_shape is None:
-                    self.selector.fit(x_class.cpu())
-                features = self.selector.transform(x_class.cpu()).double()
-                target = class_logit(self._logits(x_class), self.target_class).double().cpu()
-                finite = torch.isfinite(target)  # the network's output may have turned non-finite on some inputs
-                features, target = features[finite], target[finite]
-                sweeps = self.sweeps if self.fits == 0 else self.refit_sweeps
-                self.surrogate.fit(features, target, sweeps=sweeps, warm_start=self.fits > 0,
-                                   time_budget=self.time_budget, progress=self.progress)
-                self.fits += 1
+            self._fit(pool.to(device), labels)
         if trainer is not None and trainer.world_size > 1:  # rank zero's fit, shared (each keeps its reservoir)
             self._load_fit(trainer.strategy.broadcast(self._fit_state(), src=0))
 
+    def _fit(self, pool: torch.Tensor, labels: torch.Tensor | None) -> None:
+        x_class, target, _, self._fit_skipped = self._class_rows(pool, labels)
+        if x_class.shape[0] < 2:
+            if self._fit_skipped:
+                rank_zero_warn(f"DMMMEN: fewer than two stored inputs of class {self.target_class} have a finite "
+                               f"network output ({self._fit_skipped} left out): this fit is skipped, training goes on.")
+            return
+        if self.selector is None:
+            self.selector = FeatureSelector(min(self.n_features, x_class[0].numel()))
+        if self.selector.input_shape is None:
+            self.selector.fit(x_class.cpu())
+        features = self.selector.transform(x_class.cpu()).double()
+        sweeps = self.sweeps if self.fits == 0 else self.refit_sweeps
+        self.surrogate.fit(features, target, sweeps=sweeps, warm_start=self.fits > 0,
+                           time_budget=self.time_budget, progress=self.progress)
+        self.fits += 1
+
     # ------------------------------------------------------------------ reports
     def report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reports += 1
+        values = self._scores(trainer, pl_module)
+        if values is None:  # no fit yet: only the count of left-out rows, when there are any
+            rank_zero_info(f"DMMMEN: not enough examples of class {self.target_class} yet; nothing to report")
+            skipped = self._skipped_now(trainer)
+            values = {"skipped": skipped} if skipped else {}
+        elif trainer.is_global_zero:
+            self.draw(trainer)
+        log_scalars(pl_module, {self.tag(k): v for k, v in values.items()})
+
+    def _scores(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float] | None:
+        """Refit, then score on every process's metric set (collectives: every rank calls it); ``None`` before the
+        first fit. ``skipped`` adds the rows left out since the previous report."""
         self.refit(trainer, pl_module.device)
         examples = self._gathered(trainer, self.examples.inputs, self.examples.targets)  # every process's metric set
         if self.fits == 0 or examples[0] is None:
-            rank_zero_info(f"DMMMEN: not enough examples of class {self.target_class} yet; nothing to report")
-            return
-        log_scalars(pl_module, {self.tag(k): v for k, v in self.evaluate(pl_module.device, *examples).items()})
-        if trainer.is_global_zero:
-            self.draw(trainer)
+            return None
+        values = self.evaluate(pl_module.device, *examples)
+        values["skipped"] += self._skipped_now(trainer)
+        return values
+
+    def _skipped_now(self, trainer: pl.Trainer) -> float:
+        """Training inputs (all processes) kept out of the reservoir since the previous report, plus the stored
+        inputs the last fit left out; resets the count (a collective under DDP)."""
+        pending = torch.tensor(float(self.skipped_rows - self._skipped_reported))
+        if trainer.world_size > 1:
+            pending = trainer.strategy.reduce(pending.to(trainer.strategy.root_device), reduce_op="sum").cpu()
+        self._skipped_reported = self.skipped_rows
+        return float(pending) + self._fit_skipped
 
     def evaluate(
         self, device: torch.device | str = "cpu", x: torch.Tensor | None = None, labels: torch.Tensor | None = None
     ) -> dict[str, float]:
         """Held-out fidelity, interval coverage, occupancy and the bootstrap tests on validation inputs ``x`` (default:
-        this process's metric set) with their ``labels``."""
+        this process's metric set) with their ``labels``; ``skipped``: the rows of ``x`` left out for NaN/Inf."""
         if x is None:
             x, labels = self.examples.inputs, self.examples.targets
         assert x is not None and self.selector is not None
         x = x.to(device)
         labels = None if labels is None else labels.to(device)
-        x_class, x_other = self._class_inputs(x, labels)
+        x_class, target, x_other, left_out = self._class_rows(x, labels)
+        values = {"occupied": float(self.surrogate.components.occupied.sum()), "skipped": float(left_out)}
         if x_class.shape[0] < 2:
-            return {"occupied": float(self.surrogate.components.occupied.sum())}
+            return values
         features = self.selector.transform(x_class.cpu()).double()
-        target = class_logit(self._logits(x_class), self.target_class).double().cpu()
         mixture, _ = self.surrogate.predict(features)
         assigned, _ = self.surrogate.predict(features, target)
         low, high = self.surrogate.predictive_interval(features, level=0.9)
         prob = torch.sigmoid(target)
-        residual = (target - target.mean()).square().sum().clamp_min(1e-12)
-        values = {
+        values.update({
             "rmsd_prob": float((torch.sigmoid(mixture) - prob).square().mean().sqrt()),
             "rmsd_prob_assigned": float((torch.sigmoid(assigned) - prob).square().mean().sqrt()),
-            "r2": float(1 - (assigned - target).square().sum() / residual),
             "coverage90": float(((target >= low) & (target <= high)).double().mean()),
-            "occupied": float(self.surrogate.components.occupied.sum()),
-        }
+        })
+        r2 = self._r2(assigned, target)
+        if r2 is not None:
+            values["r2"] = r2
         if x_other.shape[0] >= 1:
-            # the heaviest component's most positive coefficients: the features whose values raise the class's logit
-            # (the authors rank by |β|; a negative-β feature's removal raises the class rate and muddles the test)
-            beta = self.surrogate.components.coefficients[0]
-            k = min(self.top_features, beta.numel())
-            top = self.selector.indices[beta.argsort(descending=True)[:k]]
-            with self.rng.active():
-                generator = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
-            # new cases: faint noise just above the baseline (the paper: N(0.03, 0.01) on [0, 1] pixels)
-            faint = 0.05 * float(x.max() - x.min())
-            tests = bootstrap_tests(self.model, self.target_class, top, x_class, x_other, baseline=0.0,
-                                    noise=(0.0, faint), generator=generator)
-            values.update({f"pcr_{key}": value for key, value in tests.as_dict().items()})
+            values.update(self._bootstrap(x_class, x_other))
         return values
+
+    def _r2(self, predicted: torch.Tensor, target: torch.Tensor) -> float | None:
+        """R² of the surrogate on the class's logits; ``None`` (warned once) when the logits are constant, where R²
+        is undefined (any tiny residual over a zero spread gives a huge negative number)."""
+        spread = float(target.std()) if target.numel() > 1 else 0.0
+        if spread <= 1e-6 * max(1.0, float(target.abs().max())):
+            self._warn_once("constant", f"the network's logit for class {self.target_class} is constant on the "
+                            f"metric set (sd {spread:.3g}): R² is undefined, so {self.tag('r2')} is not logged.")
+            return None
+        return float(1 - (predicted - target).square().sum() / (target - target.mean()).square().sum())
+
+    def _bootstrap(self, x_class: torch.Tensor, x_other: torch.Tensor) -> dict[str, float]:
+        """The paper's three bootstrap tests for the heaviest component's top features."""
+        # the heaviest component's most positive coefficients: the features whose values raise the class's logit
+        # (the authors rank by |β|; a negative-β feature's removal raises the class rate and muddles the test)
+        beta = self.surrogate.components.coefficients[0]
+        k = min(self.top_features, beta.numel())
+        top = self.selector.indices[beta.argsort(descending=True)[:k]]
+        with self.rng.active():
+            generator = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
+        lowest = float(torch.minimum(x_class.min(), x_other.min()))
+        highest = float(torch.maximum(x_class.max(), x_other.max()))
+        if x_class.is_floating_point():  # new cases: faint noise just above the baseline (the paper: N(0.03, 0.01))
+            noise = (0.0, 0.05 * (highest - lowest))
+        else:  # token ids: random ids from the observed range
+            noise = (lowest, highest)
+        tests = bootstrap_tests(self.model, self.target_class, top, x_class, x_other, baseline=0.0, noise=noise,
+                                generator=generator, output_fn=self.output_fn)
+        return {f"pcr_{key}": value for key, value in tests.as_dict().items()}
 
     def draw(self, trainer: pl.Trainer) -> None:
         """Coefficient maps of the occupied components (image inputs) and the mixture weights (a bar chart)."""
@@ -279,12 +446,21 @@ class DMMMEN(ExplainerCallback):
         figure.tight_layout()
         log_image(trainer, self.tag("weights"), figure_to_image(figure))
 
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """As the base class; a validation epoch that passes without a refit because of ``every_n_epochs`` is warned
+        about once, naming the argument."""
+        reports = self._reports
+        super().on_validation_epoch_end(trainer, pl_module)
+        if not trainer.sanity_checking and self._reports == reports:
+            self._warn_once("cadence", f"a validation epoch ended without a refit or report: every_n_epochs="
+                            f"{self.every_n_epochs} refits every {self.every_n_epochs} validation epochs (and once at "
+                            "the end of training); pass every_n_epochs=1 to refit at every validation epoch.")
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A last fit on the final network, logged straight to the loggers (``self.log`` is closed here)."""
-        self.refit(trainer, pl_module.device)
-        examples = self._gathered(trainer, self.examples.inputs, self.examples.targets)
-        if self.fits and examples[0] is not None:
-            values = {self.tag(f"final_{k}"): v for k, v in self.evaluate(pl_module.device, *examples).items()}
+        values = self._scores(trainer, pl_module)
+        if values is not None:
+            values = {self.tag(f"final_{k}"): v for k, v in values.items()}
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=trainer.global_step)
             if trainer.is_global_zero:
@@ -302,7 +478,7 @@ class DMMMEN(ExplainerCallback):
         if self.selector is None or self.fits == 0:
             raise RuntimeError("DMMMEN has not been fitted yet")
         features = self.selector.transform(x.cpu()).double()
-        target = class_logit(self._logits(x), self.target_class).double().cpu()
+        target = class_logit(self._logits(x), self.target_class).cpu()
         out = self.surrogate.explain(features, target)
         out.coefficients = self.selector.scatter(out.coefficients.float())
         out.contributions = self.selector.scatter(out.contributions.float())
@@ -313,6 +489,7 @@ class DMMMEN(ExplainerCallback):
             "surrogate": self.surrogate.state_dict(),
             "selector": None if self.selector is None else self.selector.state_dict(),
             "fits": self.fits,
+            "fit_skipped": self._fit_skipped,
         }
 
     def _load_fit(self, state: dict[str, Any]) -> None:
@@ -321,16 +498,35 @@ class DMMMEN(ExplainerCallback):
             self.selector = FeatureSelector(1)
             self.selector.load_state_dict(state["selector"])
         self.fits = int(state["fits"])
+        self._fit_skipped = int(state.get("fit_skipped", 0))
 
     def explainer_state(self) -> dict[str, Any]:
         state = self._fit_state()
-        state.update(pool=self._pool, labels=self._labels, seen=self._seen, skipped_rows=self.skipped_rows)
+        state.update(pool=_trimmed(self._buffer, self._filled), labels=_trimmed(self._buffer_labels, self._filled),
+                     seen=self._seen, skipped_rows=self.skipped_rows, skipped_reported=self._skipped_reported)
         return state
 
     def load_explainer_state(self, state: dict[str, Any]) -> None:
         self._load_fit(state)
-        self._pool, self._labels, self._seen = state["pool"], state["labels"], int(state["seen"])
+        self._buffer, self._buffer_labels, self._seen = state["pool"], state["labels"], int(state["seen"])
+        self._filled = 0 if self._buffer is None else min(self._buffer.shape[0], self.max_examples)
         self.skipped_rows = int(state.get("skipped_rows", 0))
+        self._skipped_reported = int(state.get("skipped_reported", self.skipped_rows))
+
+
+def _resized(buffer: torch.Tensor | None, filled: int, rows: int, like: torch.Tensor) -> torch.Tensor:
+    """A buffer of ``rows`` rows shaped like ``like``'s rows (typed like ``buffer``), holding ``buffer[:filled]``."""
+    out = torch.empty((rows, *like.shape[1:]), dtype=like.dtype if buffer is None else buffer.dtype)
+    if buffer is not None and filled:
+        out[:filled] = buffer[:filled]
+    return out
+
+
+def _trimmed(buffer: torch.Tensor | None, filled: int) -> torch.Tensor | None:
+    """The first ``filled`` rows as a tensor of their own (a view would save the whole buffer in a checkpoint)."""
+    if buffer is None:
+        return None
+    return buffer if buffer.shape[0] == filled else buffer[:filled].clone()
 
 
 def canonical_rows(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

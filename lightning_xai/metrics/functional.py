@@ -11,6 +11,11 @@ all steps or noise draws) go through the model in a few stacked forward passes, 
 * :func:`infidelity`: Yeh et al., "On the (In)fidelity and Sensitivity of Explanations" (NeurIPS 2019).
 
 Models are run in eval mode (every submodule's own mode is restored afterwards) and without gradients.
+
+Non-finite attributions: an example whose attribution holds NaN/Inf has no ranking of its features, so
+:func:`perturbation_curve`, :func:`deletion_auc` and :func:`insertion_auc` return NaN for that example (its whole
+curve) rather than a number computed from an arbitrary order; the other examples are scored as usual. Callers
+average with ``nanmean`` or count the NaN rows; :func:`nonfinite_rows` names them.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ __all__ = [
     "gaussian_blur",
     "infidelity",
     "insertion_auc",
+    "nonfinite_rows",
     "perturbation_curve",
 ]
 
@@ -90,6 +96,13 @@ def _check_inputs(x: torch.Tensor, attribution: torch.Tensor) -> None:
         raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
     if attribution.shape != x.shape:
         raise ValueError(f"attribution has shape {tuple(attribution.shape)}; expected the shape of x {tuple(x.shape)}")
+
+
+def nonfinite_rows(values: torch.Tensor) -> list[int]:
+    """Indices of the examples (first dimension) of ``values`` holding any NaN or Inf."""
+    if values.dim() == 0 or not values.is_floating_point():
+        return []
+    return torch.nonzero(~torch.isfinite(values.reshape(values.shape[0], -1)).all(1)).flatten().tolist()
 
 
 @contextmanager
@@ -214,6 +227,7 @@ def perturbation_curve(
     Returns:
         The curves (B, steps + 1): column ``k`` is the score after moving the fraction ``k/steps`` of the units, so
         deletion curves start at the score of ``x`` and end at the score of the baseline, insertion curves the reverse.
+        The curve of an example whose attribution holds NaN/Inf is all NaN (it ranks nothing).
 
     Raises:
         ValueError: on an unknown ``mode``/``score``/``baseline``, non-positive ``steps``/``batch_size``, or shapes
@@ -231,6 +245,8 @@ def perturbation_curve(
     images = x.dim() == 4
     unit_scores = attribution.sum(dim=1) if images else attribution
     unit_scores = unit_scores.reshape(batch, -1)
+    unranked = ~torch.isfinite(unit_scores).all(1)
+    unit_scores = torch.where(torch.isfinite(unit_scores), unit_scores, torch.zeros_like(unit_scores))
     n_units = unit_scores.shape[1]
     order = torch.argsort(unit_scores, dim=1, descending=True, stable=True)
     rank = torch.empty_like(order)
@@ -249,7 +265,8 @@ def perturbation_curve(
             mask = (rank[example] < moved[step].unsqueeze(1)).view(len(idx), *unit_shape[1:])
             inputs = torch.where(mask, end[example], start[example])
             scores.append(_target_scores(model, inputs, targets[example], score))
-    return torch.cat(scores).view(steps + 1, batch).transpose(0, 1).contiguous()
+    curves = torch.cat(scores).view(steps + 1, batch).transpose(0, 1).contiguous()
+    return curves.masked_fill(unranked.unsqueeze(1), float("nan"))
 
 
 def deletion_auc(
@@ -266,7 +283,8 @@ def deletion_auc(
 ) -> torch.Tensor:
     """Area under each example's deletion curve over [0, 1] (trapezoidal rule); lower is more faithful.
 
-    Arguments as in :func:`perturbation_curve`. Returns a (B,) tensor.
+    Arguments as in :func:`perturbation_curve`. Returns a (B,) tensor; NaN for an example whose attribution holds
+    NaN/Inf (see :func:`nonfinite_rows`), never a finite-looking number from an arbitrary ranking.
     """
     curve = perturbation_curve(
         model,
@@ -297,7 +315,8 @@ def insertion_auc(
 ) -> torch.Tensor:
     """Area under each example's insertion curve over [0, 1] (trapezoidal rule); higher is more faithful.
 
-    Arguments as in :func:`perturbation_curve` (``baseline="blur"`` is the RISE choice for insertion). Returns (B,).
+    Arguments as in :func:`perturbation_curve` (``baseline="blur"`` is the RISE choice for insertion). Returns (B,);
+    NaN for an example whose attribution holds NaN/Inf.
     """
     curve = perturbation_curve(
         model,

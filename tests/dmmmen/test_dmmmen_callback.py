@@ -38,7 +38,7 @@ def test_digits_surrogate_is_faithful_and_its_top_features_matter(tmp_path):
     x = dm.val_dataset.tensors[0][:5]
     out = dmm.explain(x)
     assert out.coefficients.shape == (5, 1, 8, 8) and out.contributions.shape == (5, 1, 8, 8)
-    restored = DMMMEN(target_class=3)
+    restored = DMMMEN(target_class=3, every_n_epochs=3, sweeps=300, refit_sweeps=100, progress=False)
     restored.load_state_dict(trainer.callbacks[0].state_dict())
     again = restored.explain(x, model=model)
     assert torch.equal(again.coefficients, out.coefficients) and torch.equal(again.component, out.component)
@@ -123,5 +123,5 @@ def test_non_finite_training_inputs_stay_out_of_the_reservoir():
     with pytest.warns(UserWarning, match="NaN/Inf"):
         dmm.train_batch(None, None, (x, y))
     dmm.train_batch(None, None, (x, y))  # warned once; counted again
-    assert dmm.skipped_rows == 4 and dmm._pool.shape[0] == 8
-    assert torch.isfinite(dmm._pool).all() and torch.equal(dmm._pool[:4], x[[0, 1, 3, 5]])
+    assert dmm.skipped_rows == 4 and dmm.pool.shape[0] == 8
+    assert torch.isfinite(dmm.pool).all() and torch.equal(dmm.pool[:4], x[[0, 1, 3, 5]])
