@@ -92,21 +92,22 @@ def test_unexpected_batches_say_how_to_pass_input_fn(tmp_path, name):
         trainer.fit(ListBatches(), as_dicts(train), as_dicts(val))
 
 
-def test_nan_inputs_skip_the_cladec_step_and_leave_the_decoder_finite():
+def test_nan_inputs_leave_out_the_bad_rows_and_keep_the_cladec_decoder_finite():
     model = SmallCNN().eval()
     cladec = ClaDec(activation_mode="eval").attach(model)
     x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
     cladec.fit_step(x, y=y)
-    before = {k: v.clone() for k, v in cladec.core.state_dict().items()}
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
     with pytest.warns(UserWarning, match="NaN/Inf"):
-        cladec.fit_step(bad, y=y)
-    assert cladec.skipped_steps == 1 and cladec.steps == 2
+        cladec.fit_step(bad, y=y)  # row 0 is left out, the other 7 are used
+    assert cladec.skipped == 1 and cladec.skipped_steps == 0 and cladec.steps == 2
+    before = {k: v.clone() for k, v in cladec.core.state_dict().items()}
+    with pytest.warns(UserWarning, match="NaN/Inf"):
+        cladec.fit_step(torch.full_like(x, float("nan")), y=y)  # no usable row: the step is skipped whole
+    assert cladec.skipped == 9 and cladec.skipped_steps == 1
     assert all(torch.equal(v, before[k]) for k, v in cladec.core.state_dict().items())
-    cladec.fit_step(x, y=y)
     assert all(torch.isfinite(v).all() for v in cladec.core.state_dict().values())
-
 
 def test_a_layer_that_never_runs_is_reported(tmp_path):
     class Spare(SmallCNN):

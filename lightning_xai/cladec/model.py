@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_xai._core.layers import Capture, LayerTap
+from lightning_xai._core.layers import Capture, LayerTap, replaced_output
 from lightning_xai._core.modules import fresh_copy
 from lightning_xai.cladec.decoder import build_decoder
 
@@ -27,20 +27,30 @@ class RefAE(nn.Module):
 
     It has the explained layer's shape and bottleneck but is trained end to end for reconstruction only, so it shows
     what an encoder of this shape *could* keep; ClaDec's losses relative to it are what the classifier discards.
+    With ``input_layer``, the copy runs from that layer on: its output is replaced by the RefAE's input, and the
+    model's own input (e.g. token ids, which only fix the shapes) is passed as ``source``.
     """
 
-    def __init__(self, classifier: nn.Module, layer: str, capture: Capture, decoder: nn.Module) -> None:
+    def __init__(
+        self, classifier: nn.Module, layer: str, capture: Capture, decoder: nn.Module, input_layer: str | None = None
+    ) -> None:
         super().__init__()
         self.encoder = fresh_copy(classifier, "RefAE encoder")
         self.decoder = decoder
+        self.input_layer = input_layer
         self._tap = LayerTap(self.encoder, layer, capture)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
         """The copy's activation at the layer (the forward stops there)."""
-        return self._tap.truncated(self.encoder, x).float()
+        if self.input_layer is None:
+            return self._tap.truncated(self.encoder, x).float()
+        if source is None:
+            raise ValueError(f"RefAE with input_layer={self.input_layer!r} needs the model's input as source=")
+        with replaced_output(self.encoder, self.input_layer, lambda output: x):
+            return self._tap.truncated(self.encoder, source).float()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encode(x))
+    def forward(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decoder(self.encode(x, source))
 
 
 class ClaDecModel(nn.Module):
@@ -55,6 +65,7 @@ class ClaDecModel(nn.Module):
         width: decoder width (see :func:`~lightning_xai.cladec.decoder.build_decoder`).
         output_activation: ``"sigmoid"`` or ``"identity"``.
         refae: build the reference auto-encoder.
+        input_layer: dotted name of the layer whose output stands for the input (decoded to, and fed to the RefAE).
     """
 
     def __init__(
@@ -67,12 +78,13 @@ class ClaDecModel(nn.Module):
         width: int = 32,
         output_activation: str = "sigmoid",
         refae: bool = True,
+        input_layer: str | None = None,
     ) -> None:
         super().__init__()
         self.code_shape, self.input_shape = tuple(code_shape), tuple(input_shape)
         self.decoder = build_decoder(code_shape, input_shape, width, output_activation)
         ref_decoder = build_decoder(code_shape, input_shape, width, output_activation)
-        self.refae = RefAE(classifier, layer, capture, ref_decoder) if refae else None
+        self.refae = RefAE(classifier, layer, capture, ref_decoder, input_layer) if refae else None
 
     def forward(self, code: torch.Tensor) -> torch.Tensor:
         """Decode a batch of activations to input space."""
