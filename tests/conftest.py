@@ -129,3 +129,20 @@ def scalars_on_one_and_two_processes(tmp_path, model, callback, loader, prefixes
         return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefixes)}
 
     return validate(tmp_path / "one"), validate(tmp_path / "two", strategy="ddp_spawn", devices=2)
+
+
+def assert_same(a, b, path="state"):
+    """Nested states equal: tensors bit for bit (dtype and shape included), everything else by ==."""
+    assert type(a) is type(b), path
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_same(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), path
+    else:
+        assert a == b, path

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import quiet_trainer, read_events
+from conftest import assert_same, quiet_trainer, read_events
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -53,23 +53,6 @@ def fit(tmp_path, callbacks, max_epochs=1, ckpt_path=None, **kwargs):
     trainer = quiet_trainer(tmp_path, max_epochs=max_epochs, callbacks=callbacks, **kwargs)
     trainer.fit(SmallCNN(), train, val, ckpt_path=ckpt_path)
     return trainer
-
-
-def assert_same(a, b, path="state"):
-    """Nested states equal: tensors bit for bit (dtype and shape included), everything else by ==."""
-    assert type(a) is type(b), path
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            assert_same(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), path
-    else:
-        assert a == b, path
 
 
 @pytest.fixture(scope="module")

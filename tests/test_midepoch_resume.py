@@ -7,7 +7,7 @@ and shuffling state within the epoch; with a plain DataLoader the resumed epoch 
 import lightning as L
 import pytest
 import torch
-from conftest import quiet_trainer
+from conftest import assert_same, quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_xai import DMMMEN, GPEX, ClaDec, Insens, Linearization
@@ -39,23 +39,6 @@ def run(tmp_path, name, ckpt_path=None, checkpoint=None):
                             callbacks=callbacks, enable_checkpointing=checkpoint is not None)
     trainer.fit(SmallCNN(), datamodule=StatefulDigits(), ckpt_path=ckpt_path)
     return callback
-
-
-def assert_same(a, b, path="state"):
-    """Nested states equal: tensors bit for bit (dtype and shape included), everything else by ==."""
-    assert type(a) is type(b), path
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            assert_same(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), path
-    else:
-        assert a == b, path
 
 
 @pytest.mark.parametrize("name", sorted(FACTORIES))
