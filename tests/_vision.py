@@ -33,13 +33,19 @@ def _declare_torchvision_ops() -> None:
 
 
 def _import(name: str) -> ModuleType:
-    if VENDOR.is_dir() and str(VENDOR) not in sys.path:
-        sys.path.append(str(VENDOR))
+    """Import ``name`` with ``.vendor`` on the path for the import only: processes spawned later (DDP tests) copy
+    ``sys.path``, and with ``.vendor`` on it their torchmetrics would import torchvision without the declarations."""
     _declare_torchvision_ops()
+    added = VENDOR.is_dir() and str(VENDOR) not in sys.path
+    if added:
+        sys.path.append(str(VENDOR))
     try:
         return importlib.import_module(name)
     except Exception as error:  # noqa: BLE001 - any import failure means: not available here
         pytest.skip(f"{name} is not importable ({type(error).__name__}: {error}); .ci/run installs it into .vendor/")
+    finally:
+        if added:
+            sys.path.remove(str(VENDOR))
 
 
 def torchvision_models() -> ModuleType:
