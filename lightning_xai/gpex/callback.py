@@ -19,11 +19,17 @@ of the user's optimizer steps (every ``every_n_steps``-th batch) it
 4. writes the batch's rows (features, current outputs, inputs) into the inducing cache.
 
 Because g changes while it trains, the cache's targets V are refreshed together with the features U (the paper keeps
-V fixed). Slots are positions in the epoch's training stream (reset each epoch; the stream covers the training set
-once per epoch), so no dataset index is needed; when ``index_fn`` supplies one it is stored beside each row and
-explanations name examples by it. Before each validation the whole cache is re-embedded with the current f and g from
-the stored inputs (``refit_each_epoch``), so the reported fidelity is that of a surrogate conditioned on the current
-network's outputs at every training example.
+V fixed). Slots are positions in the epoch's training stream modulo the cache's bound ``max_inducing`` (reset each
+epoch; the stream covers the training set once per epoch), so no dataset index is needed; when ``index_fn`` supplies
+one it is stored beside each row and explanations name examples by it. The bound defaults to the training set's
+length per process, so a finite data set fills the cache once per epoch; a stream without epoch ends (an
+``IterableDataset`` with ``max_steps``) cycles through a ring of 65,536 slots (the most recent examples). Each row
+also keeps its example's identity (the dataset index, else an exact fingerprint of the input), and an example's older
+row is removed when it is written again, so no example is cached twice (mid-epoch, a reshuffled epoch's rows would
+otherwise sit beside the previous epoch's). A new ``trainer.fit`` (not resumed from a checkpoint) starts an empty
+cache, keeping the kernel net it learnt. Before each validation the whole cache is re-embedded with the current f and
+g from the stored inputs (``refit_each_epoch``), so the reported fidelity is that of a surrogate conditioned on the
+current network's outputs at every training example.
 
 At each report it logs ``gpex/agreement`` (argmax of GP mean = argmax of the network), ``gpex/pearson`` (mean over
 heads of the per-head correlation between GP mean and network output), ``gpex/pearson_min`` (worst head),
@@ -37,14 +43,19 @@ gives it (≈ M/world), G and c are all-reduced sums of every rank's D×D update
 averaged, so f, G and c are equal on every rank after every step. Neighbour search merges each rank's top k
 (:mod:`lightning_xai.gpex.sharding`); a checkpoint stores the cache in a world-size-independent order, so a run saved on
 2 devices resumes on 1 and vice versa. Per rank the cache costs ``(M/world)·(4·L·D + 4·L + input bytes + 9)`` bytes;
-a step sends ``8·L·(D(D+1)/2 + D) + 16`` bytes for G and c plus the kernel net's gradients (the README has the
-figures at ImageNet scale).
+a step sends ``8·L·(D(D+1)/2 + D) + 16`` bytes for G and c (twice: the removal of older copies, then the write) plus the
+batch's keys and the kernel net's gradients (the README has the figures at ImageNet scale).
+
+**Bad rows.** A training example whose input or network output holds NaN/Inf is left out of the step and the cache
+(warned once, counted in ``gpex/skipped``). A network output that is constant over the validation set leaves the
+per-head correlation undefined: ``gpex/pearson``, ``gpex/pearson_min`` and ``gpex/r2`` are then not logged, with a
+warning, rather than logged as NaN beside a trivially perfect ``gpex/agreement``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,13 +63,16 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.utils.data import IterableDataset
 from torchmetrics import Metric
 
 from lightning_xai._core import ExplainerCallback, LayerTap, PrivateRNG, eval_mode, owned_step
 from lightning_xai._core.batch import BatchFn
-from lightning_xai._core.distributed import broadcast_module
+from lightning_xai._core.distributed import all_reduce_, broadcast_module
 from lightning_xai._core.logging import figure_to_image, image_loggers, log_image, log_scalars
 from lightning_xai._core.optim import fast_adam
+from lightning_xai._core.outputs import OutputFn, select_output
+from lightning_xai.gpex.cache import fingerprint
 from lightning_xai.gpex.kernel import default_kernel_net
 from lightning_xai.gpex.sharding import gather_rows, shard_rows, sharded_neighbours
 from lightning_xai.gpex.surrogate import GPEXSurrogate
@@ -71,6 +85,9 @@ IndexFn = Callable[[Any], Any]
 _FALL_BACK = object()
 _REFIT_BATCH = 256
 _MANY_HEADS = 256
+#: default bound of the cache (rows over all processes) when the training set has no length (a stream)
+STREAM_MAX_INDUCING = 65_536
+_BIG_CACHE_BYTES = 4 * 2**30
 
 
 def _finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
@@ -89,8 +106,9 @@ class GPEXExplanation:
         mean: (B, L) GP posterior means (float64); the surrogate's prediction of the network's outputs.
         variance: (B, L) GP posterior variances (float64).
         neighbours: (B, k) the most similar training examples, best first (−1 where fewer than k are cached): their
-            dataset indices when ``index_fn`` supplies them, else their positions in the last epoch's training
-            stream (under DDP, in the stream interleaved over ranks as a ``DistributedSampler`` deals it).
+            dataset indices when ``index_fn`` supplies them, else their cache slots, i.e. their positions in the
+            training stream of the epoch that cached them, modulo ``max_inducing`` (under DDP, in the stream
+            interleaved over ranks as a ``DistributedSampler`` deals it).
         scores: (B, k) their raw kernel similarities ``f_h(x)ᵀ f_h(x̃)`` (float64) on head ``h = head``.
         head: (B,) the head the neighbours were ranked on: the argmax of the network's output (the paper's choice).
         output: (B, L) the explained module's output on ``x`` (float32), flattened to one scalar per head.
@@ -153,12 +171,22 @@ class SurrogateFidelity(Metric):
         self.sum_pt += (p * t).sum(0)
         self.sse += ((p - t) ** 2).sum(0)
 
+    def _varying(self) -> torch.Tensor:
+        """(L,) bool: heads whose network output varies over the examples seen (else Pearson is undefined)."""
+        n = self.n.clamp_min(1)
+        sst = (self.sum_tt - self.sum_t**2 / n).clamp_min(0)
+        return sst > 1e-12 * self.sum_tt.clamp_min(1e-300)
+
+    def constant_heads(self) -> int:
+        """Number of heads whose network output was constant over the examples seen (left out of Pearson and R²)."""
+        return int((~self._varying()).sum()) if bool(self.n > 0) else 0
+
     def compute(self) -> dict[str, torch.Tensor]:
         n = self.n.clamp_min(1)
         cov = self.sum_pt - self.sum_p * self.sum_t / n
         var_p = (self.sum_pp - self.sum_p**2 / n).clamp_min(0)
         sst = (self.sum_tt - self.sum_t**2 / n).clamp_min(0)
-        valid = sst > 1e-12 * self.sum_tt.clamp_min(1e-300)
+        valid = self._varying()
         rho = cov / (var_p * sst).sqrt().clamp_min(1e-300)
         r2 = 1 - self.sse / sst.clamp_min(1e-300)
         nan = torch.tensor(float("nan"), dtype=torch.float64, device=n.device)
@@ -214,10 +242,19 @@ class GPEX(ExplainerCallback):
             dataset index instead of stream position.
         name: tag prefix (default ``gpex``; ``gpex-<layer>`` when several GPEX callbacks are attached).
         seed: seed of the private streams (kernel-net initialisation, mixing, dropout in the kernel net).
+        max_inducing: keyword-only; the most training examples the cache holds (over all processes; each of W keeps
+            at most ⌈max_inducing/W⌉). ``None``: the training set's length (per process, as its sampler deals it)
+            when the training loader has one, else :data:`STREAM_MAX_INDUCING` (65,536). Slots are stream positions
+            modulo the bound, so once the bound is reached the cache is a ring of the most recent examples.
+        output_fn: keyword-only; callable ``model output -> tensor (B, K)`` picking the output to explain when the
+            model (or the explained ``layer``) returns a dict, tuple or output object, e.g.
+            ``lambda out: out["logits"]``. ``None`` accepts a tensor only; anything else fails on the first training
+            batch, naming what the model returned.
 
-    Memory: the cache keeps, per training example, L·D feature values, L targets and the example's input (for the
-    refit and the panels), on the device the training runs on; all of it is in the checkpoint. Under DDP each rank
-    keeps only its share of the examples (see the module docstring); :meth:`explain` is then a collective (every
+    Memory: the cache keeps, per training example (at most ``max_inducing``), L·D float32 feature values, L float32
+    targets, two int64 names and the example's input in its own dtype (for the refit and the panels), on the device
+    the training runs on; all of it is in the checkpoint (``benchmarks/memory.py`` prints the bytes). Under DDP each
+    rank keeps only its share of the examples (see the module docstring); :meth:`explain` is then a collective (every
     rank calls it, each with its own queries), and so is saving a checkpoint, as always in Lightning.
 
     Example::
@@ -250,6 +287,9 @@ class GPEX(ExplainerCallback):
         index_fn: IndexFn | None = None,
         name: str | None = None,
         seed: int = 0,
+        *,
+        max_inducing: int | None = None,
+        output_fn: OutputFn | None = None,
     ) -> None:
         super().__init__(
             layer=layer,
@@ -286,6 +326,15 @@ class GPEX(ExplainerCallback):
             )
         if index_fn is not None and not callable(index_fn):
             raise ValueError(f"index_fn={index_fn!r} must be a callable batch -> dataset indices, or None")
+        if max_inducing is not None and (
+            isinstance(max_inducing, bool) or not isinstance(max_inducing, int) or max_inducing < 1
+        ):
+            raise ValueError(f"max_inducing={max_inducing!r} must be a positive integer or None (None: the training "
+                             f"set's length, {STREAM_MAX_INDUCING} for streams)")
+        if output_fn is not None and not callable(output_fn):
+            raise ValueError(f"output_fn={output_fn!r} must be a callable model output -> tensor (B, K), or None")
+        self.max_inducing = max_inducing
+        self.output_fn = output_fn
         self.kernel_net = kernel_net
         self.dim, self.scale = dim, float(scale)
         self.noise = None if noise is None else float(noise)
@@ -316,6 +365,16 @@ class GPEX(ExplainerCallback):
         self._position_epoch = -1
         self._dirty = False  # the cache changed since the last refit
         self._rank, self._world = 0, 1
+        self._rows_per_rank: int | None = None  # the cache bound of this process (from max_inducing or the data)
+        self._new_fit = False  # set by setup(fit), cleared by a checkpoint restore: on_train_start empties the cache
+        self._reset_on_build = False  # a new fit whose surrogate is still to be rebuilt from a loaded state
+        self._reserve_batches: int | None = None  # batches of this fit's epochs: the cache storage to allocate
+        self._batch_size: int | None = None  # the largest training batch seen (the refit's chunk size)
+        self.skipped_rows = 0  # training rows left out because of NaN/Inf, since the last report
+        self._steps_at_epoch_start = 0
+        self._batches_at_epoch_start = 0
+        self._cadence_warned = False
+        self._degenerate_warned: set[str] = set()
 
     # ------------------------------------------------------------------ set-up
     def configure(self, trainer: pl.Trainer | None, model: nn.Module) -> None:
@@ -341,6 +400,33 @@ class GPEX(ExplainerCallback):
         super().setup(trainer, pl_module, stage)
         # a new fit starts a new stream (a checkpoint, restored after setup, brings back its mid-epoch position)
         self._position, self._position_epoch = 0, -1
+        self._new_fit = stage == "fit"
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Bound the cache for this fit's data; a fit not resumed from a checkpoint starts with an empty cache (rows
+        of an earlier fit may name examples that are not in this one)."""
+        self._rows_per_rank = self._bound_per_rank(trainer)
+        batches = trainer.num_training_batches
+        self._reserve_batches = int(batches) if math.isfinite(batches) and batches > 0 else None
+        fresh, self._new_fit = self._new_fit, False
+        self._steps_at_epoch_start, self._batches_at_epoch_start = self.steps, self.batches_seen
+        if self.surrogate is not None:
+            if fresh:
+                self.surrogate.cache.reset(self._rows_per_rank)
+                self._dirty = False
+            else:
+                self.surrogate.cache.bound(self._rows_per_rank)
+        elif fresh and self._restored is not None:
+            self._reset_on_build = True
+
+    def _bound_per_rank(self, trainer: pl.Trainer | None) -> int:
+        """Rows this process may cache: ``max_inducing`` split over the processes, else the examples its training
+        sampler deals per epoch, else the stream default."""
+        world = max(1, self._world)
+        if self.max_inducing is not None:
+            return -(-self.max_inducing // world)
+        examples = None if trainer is None else _examples_per_rank(trainer.train_dataloader, world)
+        return examples if examples else -(-STREAM_MAX_INDUCING // world)
 
     def release(self) -> None:
         for tap in (self._in_tap, self._out_tap):
@@ -371,9 +457,11 @@ class GPEX(ExplainerCallback):
         if s.get("noise") is None:
             s["noise"] = self.noise if self.noise is not None else float(getattr(net, "scale", s["scale"])) ** 2
         dim = int(getattr(net, "dim", s["dim"]))
+        bound = self._rows_per_rank if self._rows_per_rank is not None else self._bound_per_rank(None)
+        self._warn_if_big(bound, s)
         surrogate = GPEXSurrogate(
             net, heads=s["heads"], dim=dim, noise=s["noise"], store_inputs=self.store_inputs, seed=self.rng.seed,
-            sharded=self._sharded, holdout_weight=self.holdout_weight,
+            sharded=self._sharded, holdout_weight=self.holdout_weight, max_cache_size=bound,
         )
         self.surrogate = surrogate.to(device).train()
         params = [p for p in net.parameters() if p.requires_grad]
@@ -384,9 +472,27 @@ class GPEX(ExplainerCallback):
             state, self._restored = self._restored, None
             self.surrogate.load_state_dict(shard_rows(state["surrogate"], self._rank, self._world, prefix="cache."))
             self._optimizer.load_state_dict(state["optimizer"])
+            if self._reset_on_build:
+                self.surrogate.cache.reset(bound)
+                self._reset_on_build = False
+            else:
+                self.surrogate.cache.bound(bound)
         elif self._sharded:
             broadcast_module(net)  # a user's kernel net may have been initialised differently on each rank
         return self.surrogate
+
+    def _warn_if_big(self, bound: int, shapes: dict[str, Any]) -> None:
+        """Warn when a full cache would take more than 4 GiB per process, naming ``max_inducing``."""
+        heads, dim = shapes["heads"], self.dim
+        row = 4 * heads * dim + 4 * heads + 17
+        if self.store_inputs:
+            row += 4 * math.prod(shapes["input_shape"]) if self._in_tap is None else 0
+        if bound * row > _BIG_CACHE_BYTES:
+            rank_zero_warn(
+                f"GPEX: a full inducing cache of {bound:,} rows takes about {bound * row / 2**30:.1f} GiB per process "
+                f"({row:,} bytes a row); pass max_inducing=... to bound it (or store_inputs=False, "
+                "refit_each_epoch=False to drop the inputs)."
+            )
 
     def _as_restorable_state(self) -> dict[str, Any]:
         """The surrogate and optimiser state with the cache rows in global-position order (a collective if sharded)."""
@@ -427,21 +533,28 @@ class GPEX(ExplainerCallback):
         assert self.model is not None and self._out_tap is not None
         with torch.no_grad(), eval_mode(self.model):
             if self._in_tap is None:
-                out = self._out_tap.truncated(self.model, x)
+                out = self.model(x)
                 gp_in = x
             else:
                 with self._in_tap.recording():
-                    out = self._out_tap.truncated(self.model, x)
+                    out = _module_output(self.model, self._out_tap, x)
                 gp_in = self._in_tap.value
                 if gp_in is None:
                     raise RuntimeError(f"GPEX: {self._in_tap.describe()} received no tensor input")
-        return gp_in.detach(), out.detach().reshape(out.shape[0], -1).float()
+        return gp_in.detach(), self._explained(out)
 
     def _g(self, z: torch.Tensor) -> torch.Tensor:
         """The explained module's flattened output on its own inputs ``z`` (eval mode, no gradient)."""
         assert self.model is not None and self._out_tap is not None and self._module is not None
         with torch.no_grad(), eval_mode(self.model):
-            out = self._out_tap.truncated(self._module, z)
+            out = self._module(z)
+        return self._explained(out)
+
+    def _explained(self, out: Any) -> torch.Tensor:
+        """The explained output as float32 ``(B, L)``: ``output_fn`` applied (a dict or tuple without it fails, naming
+        what the model returned), flattened, cast at the boundary (the GP algebra runs in float32/float64 whatever the
+        training precision)."""
+        out = select_output(out, self.output_fn, who="GPEX")
         return out.detach().reshape(out.shape[0], -1).float()
 
     # ------------------------------------------------------------------ co-training
@@ -451,12 +564,17 @@ class GPEX(ExplainerCallback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch != self._position_epoch:  # a mid-epoch resume keeps its restored position
             self._position, self._position_epoch = 0, trainer.current_epoch
+        self._steps_at_epoch_start, self._batches_at_epoch_start = self.steps, self.batches_seen
 
     def _slots(self, batch: Any, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Cache slots of a batch (its positions in this rank's epoch stream) and its dataset indices if known."""
+        """Cache slots of a batch (its positions in this rank's epoch stream, modulo the cache bound) and its dataset
+        indices if known."""
         start = self._position
         self._position += size
         slots = torch.arange(start, start + size, device=device)
+        bound = self._rows_per_rank
+        if bound is not None:
+            slots = slots % bound
         if self.index_fn is None:
             return slots, None
         index = torch.as_tensor(self.index_fn(batch)).reshape(-1).to(device=device, dtype=torch.long)
@@ -466,64 +584,75 @@ class GPEX(ExplainerCallback):
 
     def train_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         x = self.batches.input(batch).detach()
+        self._batch_size = max(self._batch_size or 0, x.shape[0])
         slots, index = self._slots(batch, x.shape[0], x.device)
         self.fit_step(x, slots, index, match=self._due(self.batches_seen))
+        if self._reserve_batches is not None and self.surrogate is not None:  # the epoch's rows, allocated once
+            self.surrogate.cache.reserve(self._reserve_batches * x.shape[0])
+            self._reserve_batches = None
 
     def fit_step(
         self, x: torch.Tensor, slots: torch.Tensor, index: torch.Tensor | None = None, match: bool = True
     ) -> torch.Tensor | None:
         """Co-train on one batch of model inputs ``x`` stored at cache ``slots``; returns the matching loss.
 
-        ``match=False`` only refreshes the batch's cache rows. Usable without a Trainer after :meth:`attach`.
+        ``match=False`` only refreshes the batch's cache rows. Rows whose input or explained output holds NaN/Inf are
+        left out (counted in :attr:`skipped_rows`); an example already cached at another slot (by its dataset
+        ``index``, else by an exact fingerprint of its input) is removed from there first, and a batch holding one
+        example twice keeps its first occurrence. Usable without a Trainer after :meth:`attach`.
         """
         with torch.autocast(x.device.type, enabled=False):
+            keys = index if index is not None else fingerprint(x)
             if match and self._in_tap is None and self.surrogate is not None:
-                loss = self._fused_match_step(x, slots, index)
+                loss = self._fused_match_step(x, slots, index, keys)
                 if loss is not _FALL_BACK:
                     return loss
             gp_in, v = self._io(x)
             surrogate = self._ensure_built(gp_in, v)
-            slots = slots.to(surrogate.cache.U.device)
+            slots, keys = slots.to(surrogate.cache.U.device), keys.to(surrogate.cache.U.device)
             ok = _finite_rows(gp_in, v)
             if not bool(ok.all()):
-                self._skip("its inputs or the explained module's outputs")
+                self._skip("its inputs or the explained module's outputs", rows=int((~ok).sum()))
                 if not bool(ok.any()):
                     self._sit_out(surrogate, match)
                     return None
-                x, gp_in, v, slots = x[ok], gp_in[ok], v[ok], slots[ok]
+                x, gp_in, v, slots, keys = x[ok], gp_in[ok], v[ok], slots[ok], keys[ok]
                 index = None if index is None else index[ok]
+            keep = _distinct(slots, keys)  # the gradient-carrying rows must be distinct slots, and examples once
+            if keep is not None:
+                x, gp_in, v, slots, keys = x[keep], gp_in[keep], v[keep], slots[keep], keys[keep]
+                index = None if index is None else index[keep]
+            surrogate.cache.evict(keys, keep=slots)
             self._dirty = True
             if not match:
                 with eval_mode(surrogate):
                     u = surrogate.features(gp_in.float())
-                surrogate.update_rows(slots, u, v, inputs=x, index=index)
+                surrogate.update_rows(slots, u, v, inputs=x, index=index, keys=keys)
                 return None
-            first = _first_occurrences(slots)  # the gradient-carrying rows must be distinct slots
-            if first is not None:
-                x, gp_in, v, slots = x[first], gp_in[first], v[first], slots[first]
-                index = None if index is None else index[first]
             with self.rng.active(x.device):  # dropout in a user's kernel net draws from the private stream
                 mixed = surrogate.mix(gp_in.float(), size=self._mixtures(gp_in.shape[0]))
                 targets = self._g(mixed.to(gp_in.dtype))
-                return self._match_and_store(x, gp_in, v, slots, index, mixed, targets)
+                return self._match_and_store(x, gp_in, v, slots, index, keys, mixed, targets)
 
     def _mixtures(self, batch_size: int) -> int:
         """Mixed queries for a batch of ``batch_size`` examples."""
         return min(batch_size, max(1, round(self.mix_fraction * batch_size)))
 
-    def _fused_match_step(self, x: torch.Tensor, slots: torch.Tensor, index: torch.Tensor | None) -> Any:
+    def _fused_match_step(
+        self, x: torch.Tensor, slots: torch.Tensor, index: torch.Tensor | None, keys: torch.Tensor
+    ) -> Any:
         """:meth:`fit_step` with ``match=True`` when the whole model is explained (its input is the GP's input): one
         forward of the model gives both the batch's targets and the mixture's. Returns ``_FALL_BACK`` (nothing
         changed) when a row is non-finite, for the general path's filtering."""
         surrogate = self.surrogate
         assert surrogate is not None
-        slots = slots.to(surrogate.cache.U.device)
+        slots, keys = slots.to(surrogate.cache.U.device), keys.to(surrogate.cache.U.device)
         if not bool(torch.isfinite(x).all()):
             return _FALL_BACK
-        first = _first_occurrences(slots)  # the gradient-carrying rows must be distinct slots
-        if first is not None:
-            x, slots = x[first], slots[first]
-            index = None if index is None else index[first]
+        keep = _distinct(slots, keys)  # the gradient-carrying rows must be distinct slots, and examples once
+        if keep is not None:
+            x, slots, keys = x[keep], slots[keep], keys[keep]
+            index = None if index is None else index[keep]
         n = x.shape[0]
         with self.rng.active(x.device):  # dropout in a user's kernel net draws from the private stream
             state = surrogate._generator.get_state()
@@ -533,8 +662,9 @@ class GPEX(ExplainerCallback):
             if not bool(torch.isfinite(v).all()):
                 surrogate._generator.set_state(state)  # the general path mixes the finite rows afresh
                 return _FALL_BACK
+            surrogate.cache.evict(keys, keep=slots)
             self._dirty = True
-            return self._match_and_store(x, x, v, slots, index, mixed, targets)
+            return self._match_and_store(x, x, v, slots, index, keys, mixed, targets)
 
     def _match_and_store(
         self,
@@ -543,6 +673,7 @@ class GPEX(ExplainerCallback):
         v: torch.Tensor,
         slots: torch.Tensor,
         index: torch.Tensor | None,
+        keys: torch.Tensor,
         mixed: torch.Tensor,
         targets: torch.Tensor,
     ) -> torch.Tensor:
@@ -556,7 +687,7 @@ class GPEX(ExplainerCallback):
         loss = out.loss.detach()
         if torch.isfinite(loss):
             self._losses.to(loss.device).update({self.tag("match_loss"): loss}, weight=x.shape[0])
-        surrogate.update_rows(slots, out.inducing_features, v, inputs=x, index=index, swap=out.swap)
+        surrogate.update_rows(slots, out.inducing_features, v, inputs=x, index=index, swap=out.swap, keys=keys)
         return loss
 
     @property
@@ -569,17 +700,25 @@ class GPEX(ExplainerCallback):
         """Take part in a step's collectives with nothing to contribute (sharded runs; no-op in one process)."""
         if not self._sharded:
             return
+        none = torch.zeros(0, dtype=torch.long)
+        surrogate.cache.evict(none)
         if match:
             self.steps += 1
             zero = sum((p * 0).sum() for p in self._params)  # zero gradients, averaged in with the other ranks'
             owned_step(zero, self._params, self._optimizer)
         empty = surrogate.cache.U.new_zeros(0, surrogate.heads, surrogate.dim)
-        surrogate.update_rows(torch.zeros(0, dtype=torch.long), empty, empty[..., 0])
+        surrogate.update_rows(none, empty, empty[..., 0])
 
-    def _skip(self, what: str) -> None:
+    def _skip(self, what: str, rows: int = 0) -> None:
+        """Count a step (and ``rows`` training rows) left out because ``what`` held NaN/Inf; warn the first time."""
         self.skipped_steps += 1
+        self.skipped_rows += rows
         if self.skipped_steps == 1:
-            rank_zero_warn(f"GPEX: skipped (part of) a step because {what} held NaN/Inf (counted in skipped_steps).")
+            rank_zero_warn(
+                f"GPEX: left {'rows of ' if rows else 'part of '}a training step out because {what} held NaN/Inf; "
+                "such rows are kept out of the matching step and the cache (counted in gpex/skipped, not warned "
+                "again)."
+            )
 
     @torch.no_grad()
     def refit(self) -> None:
@@ -594,7 +733,8 @@ class GPEX(ExplainerCallback):
         if not cache.store_inputs:
             raise RuntimeError("GPEX.refit re-embeds stored inputs, but this GPEX was built with store_inputs=False")
         with torch.inference_mode(False), torch.autocast(cache.U.device.type, enabled=False), eval_mode(surrogate):
-            for chunk in cache.filled.nonzero().squeeze(1).split(_REFIT_BATCH):
+            # chunks of the training batch size: the refit's forwards then need no more memory than a training step
+            for chunk in cache.filled.nonzero().squeeze(1).split(self._batch_size or _REFIT_BATCH):
                 x = cache.inputs[chunk]
                 gp_in, v = self._io(x)
                 u = surrogate.features(gp_in.float())
@@ -614,6 +754,19 @@ class GPEX(ExplainerCallback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._maybe_refit(trainer)  # epochs without validation (a refit already done leaves nothing to do)
+        self._check_cadence(trainer)
+
+    def _check_cadence(self, trainer: pl.Trainer) -> None:
+        """Warn once when a training epoch passed without a matching step (fewer batches than ``every_n_steps``)."""
+        batches = self.batches_seen - self._batches_at_epoch_start
+        if self._cadence_warned or batches == 0 or self.steps > self._steps_at_epoch_start:
+            return
+        self._cadence_warned = True
+        rank_zero_warn(
+            f"GPEX did not co-train during epoch {trainer.current_epoch}: it saw {batches} training batches and takes "
+            f"a matching step on every every_n_steps={self.every_n_steps}-th batch only, so its kernel net did not "
+            f"learn this epoch; pass GPEX(every_n_steps=...) of at most {batches} (warned once)."
+        )
 
     # ------------------------------------------------------------------ validation and reports
     def validation_batch(self, trainer: pl.Trainer, x: torch.Tensor, y: torch.Tensor | None) -> None:
@@ -625,6 +778,40 @@ class GPEX(ExplainerCallback):
                 self._fidelity = SurrogateFidelity(e.output.shape[1])
         self._fidelity.to(x.device).update(e.mean, e.output, e.variance)
 
+    def _fidelity_scalars(self, fidelity: SurrogateFidelity) -> dict[str, torch.Tensor]:
+        """The fidelity scalars to log. Heads whose network output was constant over the validation set have no
+        correlation; when every head is constant, Pearson and R² are left out (with a warning), since a NaN beside
+        a trivially perfect agreement reads as a working surrogate (and breaks ``monitor=`` callbacks)."""
+        values = fidelity.compute()  # a collective under DDP: every rank computes
+        constant, heads = fidelity.constant_heads(), fidelity.heads
+        if constant == heads:
+            self._warn_degenerate(
+                "all", f"GPEX: the explained output is constant over the validation examples (all {heads} heads), so "
+                "the surrogate's Pearson correlation and R² are undefined: gpex/pearson, gpex/pearson_min and gpex/r2 "
+                "are not logged, and gpex/agreement = 1 only says that the surrogate predicts the same constant class "
+                "(warned once)."
+            )
+            values = {k: v for k, v in values.items() if k not in ("pearson", "pearson_min", "r2")}
+        elif constant:
+            self._warn_degenerate(
+                "some", f"GPEX: {constant} of {heads} explained output heads are constant over the validation "
+                "examples; gpex/pearson, gpex/pearson_min and gpex/r2 are over the other heads (warned once)."
+            )
+        return {self.tag(k): v for k, v in values.items()}
+
+    def _warn_degenerate(self, kind: str, message: str) -> None:
+        if kind not in self._degenerate_warned:
+            self._degenerate_warned.add(kind)
+            rank_zero_warn(message)
+
+    def _skipped_since_report(self) -> torch.Tensor:
+        """Training rows left out for NaN/Inf since the last report, summed over processes (a collective)."""
+        count = torch.tensor(float(self.skipped_rows), dtype=torch.float64)
+        if self._sharded and self.surrogate is not None:
+            count = all_reduce_(count.to(self.surrogate.cache.G.device))
+        self.skipped_rows = 0
+        return count
+
     def reset_metrics(self) -> None:
         # outside inference mode: reset states are updated in place by training steps (match_loss)
         with torch.inference_mode(False):
@@ -635,9 +822,10 @@ class GPEX(ExplainerCallback):
     def report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         values: dict[str, torch.Tensor] = {}
         if self._fidelity is not None and self._fidelity.update_count > 0:
-            values.update({self.tag(k): v for k, v in self._fidelity.compute().items()})
+            values.update(self._fidelity_scalars(self._fidelity))
         if self._losses is not None and self._losses.update_count > 0:
             values.update(self._losses.compute())
+        values[self.tag("skipped")] = self._skipped_since_report()
         log_scalars(pl_module, values)
         # the same decision on every rank (the panel's search is a collective); drawing costs more than an epoch of
         # steps on small models, so it is skipped when no logger could store it
@@ -724,6 +912,8 @@ class GPEX(ExplainerCallback):
             "shapes": None if self._shapes is None else dict(self._shapes),
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
+            "skipped_rows": self.skipped_rows,
+            "batch_size": self._batch_size,
             "refits": self.refits,
             "position": self._position,
             "position_epoch": self._position_epoch,
@@ -738,6 +928,9 @@ class GPEX(ExplainerCallback):
     def load_explainer_state(self, state: dict[str, Any]) -> None:
         self._shapes = None if state["shapes"] is None else dict(state["shapes"])
         self.steps, self.skipped_steps = int(state["steps"]), int(state["skipped_steps"])
+        self.skipped_rows = int(state.get("skipped_rows", 0))
+        self._batch_size = state.get("batch_size")
+        self._new_fit = False  # restored from a checkpoint: the cache carries on
         self.refits = int(state["refits"])
         self._position, self._position_epoch = int(state["position"]), int(state["position_epoch"])
         self._dirty = bool(state["dirty"])
@@ -748,6 +941,60 @@ class GPEX(ExplainerCallback):
                 f"the checkpoint's GPEX state explains layer {self._shapes['layer'] or None!r}, but this callback is "
                 f"configured for layer={self.layer!r}"
             )
+
+
+class _StopForward(Exception):
+    """Ends a forward pass right after the explained layer (raised from a hook)."""
+
+
+def _module_output(model: nn.Module, tap: LayerTap, x: torch.Tensor) -> Any:
+    """What the tapped layer returns (as it is: a tensor, tuple or dict) when ``model`` runs on ``x``; the layers
+    after it do not run."""
+    captured: list[Any] = []
+
+    def stop(module: nn.Module, args: Any, output: Any) -> None:
+        captured.append(output)
+        raise _StopForward
+
+    handle = tap.module.register_forward_hook(stop)
+    try:
+        model(x)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"GPEX: layer {tap.name!r} never ran during {type(model).__name__}.forward: choose a "
+                           "layer on the forward path (see model.named_modules()).")
+    return captured[0]
+
+
+def _examples_per_rank(loaders: Any, world: int) -> int | None:
+    """Examples one process's training loader deals per epoch, when it can tell; ``None`` for a stream."""
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or isinstance(dataset, IterableDataset):
+        return None
+    sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None) or getattr(loader, "sampler", None)
+    for sized, share in ((sampler, 1), (dataset, world)):  # a DistributedSampler's length is already per process
+        try:
+            n = len(sized)
+        except TypeError:
+            continue
+        return -(-n // share) if n > 0 else None
+    return None
+
+
+def _distinct(slots: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
+    """Positions of the rows to keep, in batch order, so that slots and keys are both distinct (first occurrences
+    win); ``None`` when they already are."""
+    first = _first_occurrences(keys)
+    if first is None:
+        return _first_occurrences(slots)
+    again = _first_occurrences(slots[first])
+    return first if again is None else first[again]
 
 
 def _first_occurrences(slots: torch.Tensor) -> torch.Tensor | None:

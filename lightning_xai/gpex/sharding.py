@@ -26,7 +26,7 @@ from lightning_xai.gpex.surrogate import GPEXSurrogate
 
 __all__ = ["gather_rows", "global_positions", "shard_rows", "sharded_neighbours"]
 
-ROW_KEYS = ("U", "V", "filled", "index", "inputs")
+ROW_KEYS = ("U", "V", "filled", "index", "key", "inputs")
 
 
 def global_positions(slots: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -101,7 +101,7 @@ def gather_rows(state: dict[str, torch.Tensor], world: int, prefix: str = "") ->
         wire = local.to(torch.uint8) if local.dtype == torch.bool else local
         parts = all_gather_rows(wire)
         longest = max(p.shape[0] for p in parts)
-        fill = -1 if key == "index" else 0
+        fill = -1 if key.endswith("index") else 0
         stacked = wire.new_full((longest, world, *wire.shape[1:]), fill)
         for r, part in enumerate(parts):
             stacked[: part.shape[0], r] = part

@@ -198,6 +198,7 @@ class GPEXSurrogate(nn.Module):
         heads: L; read from ``kernel_net.heads`` when omitted.
         dim: D; read from ``kernel_net.dim`` when omitted.
         cache_size: Number of inducing slots M, or ``None`` for a cache that grows as slots are written.
+        max_cache_size: Largest M a growing cache may reach (``None``: unbounded).
         noise: Likelihood noise σ². Default ``scale²`` (``kernel_net.scale``, else 1), i.e. ``σ²/scale² = 1``.
             The paper uses σ² = 1 with scale 0.1; see the module docstring.
         store_inputs: Keep each slot's input in the cache (for neighbour panels without dataset indices).
@@ -240,6 +241,7 @@ class GPEXSurrogate(nn.Module):
         seed: int = 0,
         sharded: bool = False,
         holdout_weight: float = 1.0,
+        max_cache_size: int | None = None,
     ) -> None:
         super().__init__()
         heads = heads if heads is not None else getattr(kernel_net, "heads", None)
@@ -254,7 +256,8 @@ class GPEXSurrogate(nn.Module):
         self.kernel_net = kernel_net
         self.kernel = FeatureLinearKernel(self.heads)
         self.cache = InducingCache(
-            self.heads, self.dim, cache_size, storage_dtype, store_inputs, refresh_every, sharded=sharded
+            self.heads, self.dim, cache_size, storage_dtype, store_inputs, refresh_every, sharded=sharded,
+            max_capacity=max_cache_size,
         )
         self.register_buffer("noise", torch.tensor(float(noise), dtype=torch.float64))
         self.var_clamp = (float(var_clamp[0]), float(var_clamp[1]))
@@ -308,10 +311,11 @@ class GPEXSurrogate(nn.Module):
         inputs: torch.Tensor | None = None,
         index: torch.Tensor | None = None,
         swap: RowSwap | None = None,
+        keys: torch.Tensor | None = None,
     ) -> None:
         """Write rows at ``slots`` with the rank-B update of G and c (see :meth:`InducingCache.write`); ``swap``, a
-        :attr:`MatchOutput.swap` for the same rows, saves recomputing the update."""
-        self.cache.write(slots, u_rows, v_rows, inputs=inputs, index=index, swap=swap)
+        :attr:`MatchOutput.swap` for the same rows, saves recomputing the update; ``keys`` name the examples."""
+        self.cache.write(slots, u_rows, v_rows, inputs=inputs, index=index, swap=swap, keys=keys)
 
     @torch.no_grad()
     def embed(
