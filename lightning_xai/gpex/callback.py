@@ -172,10 +172,12 @@ class SurrogateFidelity(Metric):
         self.sse += ((p - t) ** 2).sum(0)
 
     def _varying(self) -> torch.Tensor:
-        """(L,) bool: heads whose network output varies over the examples seen (else Pearson is undefined)."""
+        """(L,) bool: heads whose network output varies over the examples seen (else Pearson is undefined). A spread
+        below 1e-5 of the outputs' magnitude (std/rms) is float32 rounding noise, not variation: R² against it would
+        be a huge negative number that means nothing."""
         n = self.n.clamp_min(1)
         sst = (self.sum_tt - self.sum_t**2 / n).clamp_min(0)
-        return sst > 1e-12 * self.sum_tt.clamp_min(1e-300)
+        return sst > 1e-10 * self.sum_tt.clamp_min(1e-300)
 
     def constant_heads(self) -> int:
         """Number of heads whose network output was constant over the examples seen (left out of Pearson and R²)."""
