@@ -32,54 +32,18 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from lightning_xai._core import gate_rules as R
+from lightning_xai._core.gate_modules import (  # noqa: F401 - re-exported: the static view lives there
+    GATED_MODULES,
+    MAX_POOLS,
+    NEURON_UNITS,
+    PIECEWISE_LINEAR,
+    Mode,
+    classify,
+    refuse_recurrent,
+    unwrap_compiled,
+)
 
-Mode = Literal["exact", "gated-linear"]
 Phase = Literal["off", "record", "replay", "capture"]
-
-# Module families used for static (set-up time) checks; the recorder itself works per operator.
-PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ReLU6, nn.Hardtanh)
-MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-SMOOTH = (nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Hardswish,
-          nn.Hardsigmoid, nn.LogSigmoid, nn.Tanhshrink, nn.Softsign)
-NORMS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-SOFTMAX = (nn.Softmax, nn.LogSoftmax, nn.MultiheadAttention)
-RECURRENT = (nn.RNNBase,)
-GATED_MODULES = SMOOTH + NORMS + SOFTMAX + tuple(m for m in [getattr(nn, "RMSNorm", None)] if m is not None)
-
-
-def unwrap_compiled(name: str) -> str:
-    """A module name without ``torch.compile``'s ``_orig_mod`` segments (``features._orig_mod.2`` → ``features.2``)."""
-    return ".".join(part for part in name.split(".") if part != "_orig_mod")
-
-
-def refuse_recurrent(model: nn.Module) -> None:
-    """Raise ``NotImplementedError`` naming the recurrent layers (LSTM/GRU/RNN) of ``model``, if any.
-
-    Their gates live inside fused kernels (``_VF.lstm``) that no operator-level recorder can hold fixed, so a
-    linearization would silently treat them as affine.
-    """
-    found = [f"{unwrap_compiled(n)!r} ({type(m).__name__})" for n, m in model.named_modules() if isinstance(m, RECURRENT)]
-    if found:
-        raise NotImplementedError(
-            f"{', '.join(found)}: recurrent layers compute their gates inside a fused kernel that cannot be held "
-            "fixed, so the network cannot be linearized; explain a non-recurrent part with layer=..., or use a "
-            "surrogate method (GPEX, DMMMEN)."
-        )
-
-
-def classify(model: nn.Module) -> tuple[Mode, list[str]]:
-    """The linearization mode a model's *modules* call for, and the names of the gated modules found.
-
-    A static check for set-up time (functional calls in ``forward`` are only seen by running the recorder):
-    ``"exact"`` when no smooth unit, normalisation, softmax or attention module is present, else ``"gated-linear"``.
-
-    Raises:
-        NotImplementedError: for recurrent layers (see :func:`refuse_recurrent`).
-    """
-    refuse_recurrent(model)
-    gated = [unwrap_compiled(n) for n, m in model.named_modules() if isinstance(m, GATED_MODULES)]
-    return ("gated-linear" if gated else "exact"), gated
-
 
 @dataclass
 class Site:
@@ -483,17 +447,3 @@ def _unchecked(func: Callable) -> Callable:
         copy.__kwdefaults__ = func.__kwdefaults__
         _UNCHECKED[func] = copy
     return _UNCHECKED[func]
-
-
-def pool_indices(module: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """Flat indices (per channel) of the winners of each window of a max-pool module at ``z``."""
-    dims = z.dim() - 2 if z.dim() >= 3 else 1
-    with torch.no_grad():
-        if isinstance(module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
-            fn = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}[dims]
-            _, idx = fn(z, module.output_size, return_indices=True)
-        else:
-            fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[dims]
-            _, idx = fn(z, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode,
-                        return_indices=True)
-    return idx

@@ -223,7 +223,9 @@ def replaced_output(
     def hook(module: nn.Module, args: Any, output: Any) -> torch.Tensor:
         if not isinstance(output, torch.Tensor) or not output.is_floating_point():
             what = f"a {output.dtype} tensor" if isinstance(output, torch.Tensor) else type(output).__name__
-            raise TypeError(f"layer {name!r} must output one floating-point tensor to explain the network in, got {what}")
+            raise TypeError(
+                f"layer {name!r} must output one floating-point tensor to explain the network in, got {what}"
+            )
         seen.append(value(output))
         return seen[-1]
 

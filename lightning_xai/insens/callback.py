@@ -17,13 +17,13 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 
-from lightning_xai._core.attribution import AttributionCallback
 from lightning_xai._core.batch import BatchFn
 from lightning_xai._core.layers import resolve_layer
 from lightning_xai._core.modules import to_module_dtype
 from lightning_xai._core.outputs import OutputFn
+from lightning_xai._core.relu_regions import layer_output
+from lightning_xai.attribution import AttributionCallback
 from lightning_xai.insens.core import LOSER_POLICIES, InsensMap, insens, require_relu_network
-from lightning_xai.insens.neurons import layer_output
 from lightning_xai.linearization.core import linearize
 
 METHODS = ("auto", "exact", "hutchinson")

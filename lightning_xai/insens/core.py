@@ -7,10 +7,10 @@ switching hyperplane (its length ``|v_i|/‖ŵ_i‖`` is the distance to it), an
 
     Ω̂(x) = (1/|I|) Σ_{i∈I} ω̂_i,   I = {hidden neurons with v_i ≤ 0 and ‖ŵ_i‖ > 0}.
 
-Computed naively this is one backward pass per inactive neuron. :func:`insens` gets all ``‖ŵ_i‖²`` from forward-mode
-derivatives (:func:`~lightning_xai.insens.neurons.row_norms_squared`) and then the whole sum in **one** backward pass,
-since ``Σ_i c_i ŵ_i = ∇_x Σ_i c_i v_i(x)`` for fixed ``c_i = v_i/‖ŵ_i‖²``. Neurons with ``‖ŵ_i‖ = 0`` (dead receptive
-fields) have no hyperplane and are left out and counted; by default a max-pool loser with ``v > 0`` counts as active
+Computed naively this is one backward pass per inactive neuron. :func:`insens` gets all ``‖ŵ_i‖²`` from
+forward-mode derivatives (:func:`~lightning_xai._core.relu_regions.row_norms_squared`) and then the whole sum in
+**one** backward pass, since ``Σ_i c_i ŵ_i = ∇_x Σ_i c_i v_i(x)`` for fixed ``c_i = v_i/‖ŵ_i‖²``. Neurons with
+``‖ŵ_i‖ = 0`` (dead receptive fields) have no hyperplane and are left out and counted; by default a max-pool loser with ``v > 0`` counts as active
 (the paper's equation), ``maxpool_losers="inactive"`` follows its remark that losers are "deemed inactive".
 """
 
@@ -25,7 +25,13 @@ from torch import nn
 from lightning_xai._core.autograd import batched_vjp
 from lightning_xai._core.gates import GateRecorder, classify
 from lightning_xai._core.modules import eval_mode
-from lightning_xai.insens.neurons import forward_at, layer_output, neuron_recorder, row_norms_squared
+from lightning_xai._core.relu_regions import (
+    forward_at,
+    layer_output,
+    neuron_recorder,
+    row_norms_squared,
+    switch_distance,
+)
 
 LOSER_POLICIES = ("active", "inactive")
 
@@ -136,9 +142,7 @@ def insens(
             total = total + (c * v).sum()
             inactive += chosen.flatten(1).sum(1)
             zero_norm += (~usable).flatten(1).sum(1)
-            far = torch.full_like(value, float("inf"))
-            distance = torch.where(usable, value.abs() / n2.clamp_min(1e-300).sqrt(), far)
-            r_min = torch.minimum(r_min, distance.flatten(1).min(1).values)
+            r_min = torch.minimum(r_min, switch_distance(value, n2).flatten(1).min(1).values)
             active_fraction[name] = (value > 0).flatten(1).float().mean(1)
         (grad,) = torch.autograd.grad(total, xg) if total.requires_grad else (torch.zeros_like(x),)
         scale = inactive.clamp_min(1).view(-1, *([1] * (x.dim() - 1)))

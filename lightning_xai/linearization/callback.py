@@ -26,12 +26,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_xai._core.attribution import AttributionCallback
 from lightning_xai._core.batch import BatchFn
-from lightning_xai._core.outputs import OutputFn
-from lightning_xai.insens.core import insens
 from lightning_xai._core.layers import resolve_layer
 from lightning_xai._core.modules import to_module_dtype
+from lightning_xai._core.outputs import OutputFn
+from lightning_xai._core.relu_regions import region_radius
+from lightning_xai.attribution import AttributionCallback
 from lightning_xai.linearization.core import MODES, Linearized, linearize, resolve_mode
 
 REGION_EXAMPLES = 8  # examples behind r_min_median
@@ -58,8 +58,8 @@ class Linearization(AttributionCallback):
         target_fn: callable ``batch -> target``.
         output_fn: callable ``model output -> tensor (B, K)`` for models returning a dict, tuple or output object.
         input_layer: linearize in this module's output instead of the model input (e.g. ``"embed"`` for token-id
-            models; then ``W`` has the embedding's shape, and the deletion/insertion curves, which perturb the raw input,
-            are skipped).
+            models; then ``W`` has the embedding's shape, and the deletion/insertion curves, which perturb the raw
+            input, are skipped).
         name: tag prefix (default ``linearization``).
         seed: seed of the random ordering.
     """
@@ -100,8 +100,8 @@ class Linearization(AttributionCallback):
         """``F(x) = W·x + b`` of the attached model for all outputs (or ``classes``), see :func:`linearize`."""
         if self.model is None:
             raise RuntimeError("Linearization.explain needs the callback to have been set up by trainer.fit")
-        return linearize(self.model, to_module_dtype(x, self.model), classes, mode=self.mode, input_layer=self.input_layer,
-                         output_fn=self.output_fn)
+        return linearize(self.model, to_module_dtype(x, self.model), classes, mode=self.mode,
+                         input_layer=self.input_layer, output_fn=self.output_fn)
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         assert self.model is not None
@@ -130,11 +130,8 @@ class Linearization(AttributionCallback):
     def _region_radius(self, x: torch.Tensor) -> torch.Tensor | None:
         """Distance to the nearest ReLU switching hyperplane per example (None for networks without ReLU units)."""
         method = "exact" if x[0].numel() <= 256 else "hutchinson"
-        try:
-            with self.rng.active(x.device):
-                return insens(self.model, x, method=method, samples=REGION_DIRECTIONS, chunk_size=8).r_min
-        except ValueError:  # no ReLU-family unit ran (e.g. a max-pool-only or linear network)
-            return None
+        with self.rng.active(x.device):
+            return region_radius(self.model, x, method=method, samples=REGION_DIRECTIONS, chunk_size=8)
 
     def draw(self, trainer: pl.Trainer, x: torch.Tensor, y: torch.Tensor | None) -> None:
         x = to_module_dtype(x, self.model)

@@ -167,7 +167,8 @@ def linearize(
         if bias == "difference":
             offset = output - (weight.flatten(2) * point.detach().flatten(1)[:, None, :]).sum(-1)
             return Linearized(weight, offset, output, idx, resolved, point.detach())
-        with torch.no_grad(), recorder.replay(), replaced_output(model, input_layer, lambda o: recorder.track(torch.zeros_like(o))):
+        zeros = lambda o: recorder.track(torch.zeros_like(o))  # noqa: E731 - the input layer's output replaced by zero
+        with torch.no_grad(), recorder.replay(), replaced_output(model, input_layer, zeros):
             zero_in = torch.zeros_like(x) if input_layer is None else x
             offset = select_output(model(zero_in), output_fn, who="linearize").flatten(1).gather(1, idx)
     result = Linearized(weight, offset, output, idx, resolved, point.detach())
