@@ -10,8 +10,9 @@ switching hyperplane (its length ``|v_i|/‖ŵ_i‖`` is the distance to it), an
 Computed naively this is one backward pass per inactive neuron. :func:`insens` gets all ``‖ŵ_i‖²`` from
 forward-mode derivatives (:func:`~lightning_xai._core.relu_regions.row_norms_squared`) and then the whole sum in
 **one** backward pass, since ``Σ_i c_i ŵ_i = ∇_x Σ_i c_i v_i(x)`` for fixed ``c_i = v_i/‖ŵ_i‖²``. Neurons with
-``‖ŵ_i‖ = 0`` (dead receptive fields) have no hyperplane and are left out and counted; by default a max-pool loser with ``v > 0`` counts as active
-(the paper's equation), ``maxpool_losers="inactive"`` follows its remark that losers are "deemed inactive".
+``‖ŵ_i‖ = 0`` (dead receptive fields) have no hyperplane and are left out and counted; by default a max-pool loser
+with ``v > 0`` counts as active (the paper's equation), ``maxpool_losers="inactive"`` follows its remark that losers
+are "deemed inactive".
 """
 
 from __future__ import annotations
