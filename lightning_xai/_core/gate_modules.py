@@ -37,7 +37,7 @@ def refuse_recurrent(model: nn.Module) -> None:
     linearization would silently treat them as affine.
     """
     found = [f"{unwrap_compiled(n)!r} ({type(m).__name__})"
-             for n, m in model.named_modules() if isinstance(m, RECURRENT)]
+             for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, RECURRENT)]
     if found:
         raise NotImplementedError(
             f"{', '.join(found)}: recurrent layers compute their gates inside a fused kernel that cannot be held "

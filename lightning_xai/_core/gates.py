@@ -134,8 +134,12 @@ class GateRecorder(TorchFunctionMode):
         self._dependent, self._gate_outputs, self._neuron_outputs = {}, {}, {}
         self._manual = False
         if self._names is None:
-            self._names = {id(m): unwrap_compiled(n) for n, m in self.model.named_modules()}
-            self._compiled = any(type(m).__name__ == "OptimizedModule" for m in self.model.modules())
+            # remove_duplicate=False: no memo set, so no hashing of every module (torchmetrics Metrics hash their state)
+            modules = list(self.model.named_modules(remove_duplicate=False))
+            self._names = {}
+            for name, module in modules:
+                self._names.setdefault(id(module), unwrap_compiled(name))
+            self._compiled = any(type(m).__name__ == "OptimizedModule" for _, m in modules)
         with contextlib.ExitStack() as stack:
             # global module hooks (two registrations, whatever the model's size), active for this session only
             stack.enter_context(register_module_forward_pre_hook(self._enter))

@@ -18,7 +18,9 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     Restoring per submodule matters: users freeze parts of a network (e.g. BatchNorm layers kept in eval mode), and a
     blanket ``module.train()`` afterwards would silently unfreeze them.
     """
-    flipped = [m for m in module.modules() if m.training]
+    # remove_duplicate=False skips the memo set (hashing every module: torchmetrics Metrics hash their state);
+    # a shared module listed twice is flipped and restored twice, harmlessly
+    flipped = [m for _, m in module.named_modules(remove_duplicate=False) if m.training]
     for m in flipped:
         m.training = False
     try:
