@@ -37,77 +37,51 @@ Trust on ordinary set-ups:
   a layer (the embedding) whose output is decoded to instead; the classifier then runs on reconstructions from that
   layer on, and the RefAE's copied encoder too;
 * a model returning a dict, tuple or output object needs ``output_fn`` (refused at the first step otherwise).
+
+This module holds the callback's lifecycle: set-up and hooks, the lazy build from the first observed shapes (and the
+deferred restore of a checkpoint's weights), access to the classifier, explanations and checkpoint state. The
+co-training step and its cadence live in :mod:`lightning_xai.cladec.cotraining`, the metric set and reports in
+:mod:`lightning_xai.cladec.reporting` (with the probe panel in :mod:`lightning_xai.cladec.probes`), the bad-row
+policy in :mod:`lightning_xai.cladec.rows`, the option checks in :mod:`lightning_xai.cladec.options`; the names
+they define that were importable from here still are.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_xai._core import ExplainerCallback, LayerTap, PrivateRNG, eval_mode, last_linear_name, owned_step
+from lightning_xai._core import LayerTap, PrivateRNG, eval_mode, last_linear_name
 from lightning_xai._core.batch import BatchFn
 from lightning_xai._core.distributed import all_reduce_, broadcast_module
-from lightning_xai._core.logging import figure_to_image, log_image, log_scalars
+from lightning_xai._core.layers import replaced_output
 from lightning_xai._core.optim import fast_adam
 from lightning_xai._core.outputs import OutputFn, select_output
 from lightning_xai.cladec.capture import BatchCapture
-from lightning_xai._core.layers import replaced_output
-from lightning_xai.cladec.model import ClaDecModel, cladec_objective, reconstruction_loss
-from lightning_xai.metrics import MeanOfNamed
-from lightning_xai.viz import diverging, feature_bars, stack_rows, tile_row, to_rgb
+from lightning_xai.cladec.cotraining import ClaDecCoTraining
+from lightning_xai.cladec.explanation import ClaDecExplanation
+from lightning_xai.cladec.model import ClaDecModel
+from lightning_xai.cladec.options import ACTIVATION_MODES, OUTPUT_ACTIVATIONS, check_options
+from lightning_xai.cladec.reporting import ClaDecReporting
+from lightning_xai.cladec.rows import check_decodable, finite_rows, labels_in_range
+from lightning_xai.cladec.rows import rows_on_every_rank as _rows_on_every_rank  # noqa: F401 (old private name)
 
-ACTIVATION_MODES = ("train", "eval")
-OUTPUT_ACTIVATIONS = ("auto", "sigmoid", "identity")
-
-
-def finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` mask of the rows that are finite in every tensor (each ``(B, ...)``; integer tensors are finite)."""
-    keep = torch.ones(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
-    for t in tensors:
-        if t.is_floating_point() or t.is_complex():
-            keep &= torch.isfinite(t.reshape(t.shape[0], -1)).all(1).to(keep.device)
-    return keep
-
-
-def labels_in_range(y: torch.Tensor, classes: int) -> torch.Tensor:
-    """``(B,)`` mask of integer class labels in ``[0, classes)``; other targets (soft labels) are all kept."""
-    if y.is_floating_point() or y.dim() != 1:
-        return torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
-    return (y >= 0) & (y < classes)
+__all__ = [
+    "ACTIVATION_MODES",
+    "OUTPUT_ACTIVATIONS",
+    "ClaDec",
+    "ClaDecExplanation",
+    "finite_rows",
+    "labels_in_range",
+]
 
 
-def _rows_on_every_rank(keep: torch.Tensor) -> bool:
-    """Whether every rank has at least one usable row (one tiny all-reduce under DDP: all ranks skip together)."""
-    none = (~keep.any()).float().reshape(1)
-    return not bool(all_reduce_(none, "max").item())
-
-
-@dataclass
-class ClaDecExplanation:
-    """What :meth:`ClaDec.explain` returns for a batch ``x`` of shape ``(B, *input_shape)``.
-
-    Attributes:
-        cladec: ClaDec reconstructions ``D(a(x))``, shape of ``x``.
-        refae: RefAE reconstructions (``None`` without a RefAE), shape of ``x``.
-        code: the explained layer's activations ``a(x)``, ``(B, *code_shape)``.
-        original: what the reconstructions rebuild: ``x`` itself, or with ``input_layer`` that layer's output on
-            ``x`` (e.g. the token embeddings); ``cladec`` and ``refae`` have its shape.
-    """
-
-    cladec: torch.Tensor
-    refae: torch.Tensor | None
-    code: torch.Tensor
-    original: torch.Tensor | None = None
-
-
-class ClaDec(ExplainerCallback):
+class ClaDec(ClaDecReporting, ClaDecCoTraining):
     """Co-train a ClaDec decoder (and a reference auto-encoder) on one layer of any LightningModule.
 
     Args:
@@ -180,16 +154,7 @@ class ClaDec(ExplainerCallback):
             name=name,
             seed=seed,
         )
-        if not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"alpha={alpha!r} must lie in [0, 1]")
-        if activation_mode not in ACTIVATION_MODES:
-            raise ValueError(f"activation_mode={activation_mode!r} is not one of {ACTIVATION_MODES}")
-        if output_activation not in OUTPUT_ACTIVATIONS:
-            raise ValueError(f"output_activation={output_activation!r} is not one of {OUTPUT_ACTIVATIONS}")
-        if not isinstance(width, int) or width < 1:
-            raise ValueError(f"width={width!r} must be a positive integer")
-        if lr <= 0:
-            raise ValueError(f"lr={lr!r} must be positive")
+        check_options(alpha, activation_mode, output_activation, width, lr)
         self.alpha = float(alpha)
         self.width, self.lr, self.weight_decay = width, float(lr), float(weight_decay)
         self.use_refae = refae
@@ -213,13 +178,6 @@ class ClaDec(ExplainerCallback):
         self._step_pending = False
         self._epoch_steps = 0
         self._warned: set[str] = set()
-
-    @property
-    def refae_prefix(self) -> str:
-        """Tag prefix of the RefAE's scalars: ``refae``, or ``refae-<layer>`` beside ``cladec-<layer>``."""
-        if self.prefix.startswith(self.method):
-            return "refae" + self.prefix[len(self.method) :]
-        return f"{self.prefix}-refae"
 
     # ------------------------------------------------------------------ set-up
     def configure(self, trainer: pl.Trainer | None, model: nn.Module) -> None:
@@ -323,98 +281,12 @@ class ClaDec(ExplainerCallback):
 
     def _check_input(self, x: torch.Tensor) -> None:
         """Refuse inputs a decoder cannot produce (token ids) without input_layer, before any low-level dtype error."""
-        if self.input_layer is None and not x.is_floating_point():
-            raise TypeError(
-                f"ClaDec decodes the layer's activations back to the model's input, but input_fn(batch) gave a "
-                f"{x.dtype} tensor of shape {tuple(x.shape)} (token ids?): a decoder cannot produce integer ids and "
-                "the classifier cannot be run on a reconstruction of them. Pass input_layer='<the embedding "
-                "layer>' to decode to that layer's output instead, or give input_fn the model's continuous input."
-            )
+        check_decodable(x, self.input_layer)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """The classifier's logits ``(B, K)`` on ``x`` (its output through ``output_fn``), in float32."""
         assert self.model is not None
         return select_output(self.model(x), self.output_fn, who="ClaDec").float()
-
-    def _due(self, batch_number: int) -> bool:
-        """Whether the ``batch_number``-th training batch (1-based, same on every rank) is a regular co-training
-        step."""
-        return batch_number % self.every_n_steps == 0
-
-    def _due_now(self, trainer: pl.Trainer, batch_idx: int) -> bool:
-        """Whether the coming training batch is a co-training step: a regular one, or the epoch's last batch when no
-        regular step fell in the epoch (fewer batches than ``every_n_steps``). The same answer on every rank."""
-        number = self.batches_seen + 1
-        if self._due(number):
-            return True
-        if batch_idx + 1 != getattr(trainer, "num_training_batches", None):
-            return False
-        first = number - batch_idx  # the epoch's first batch number (also after a mid-epoch resume)
-        last_regular = (number - 1) // self.every_n_steps * self.every_n_steps
-        return last_regular < first
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epoch_steps = 0
-
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        for capture in (self._capture, self._in_capture):
-            if capture is not None:
-                capture.disarm()
-        if self.core is None and self._restored is None:  # the first batch: refuse token ids before anything runs
-            self._check_input(self.batches.input(batch))
-        self._step_pending = self._due_now(trainer, batch_idx)
-        if self._step_pending and self.activation_mode == "train" and self._capture is not None:
-            x = self.batches.input(batch)
-            self._capture.arm(x, pl_module)
-            if self._in_capture is not None:
-                self._in_capture.arm(x, pl_module)
-
-    def train_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        pending, self._step_pending = self._step_pending, False
-        train_mode = self.activation_mode == "train" and self._capture is not None
-        matched = self._capture.matched if train_mode else 0
-        code = self._capture.disarm() if train_mode else None
-        original = self._in_capture.disarm() if train_mode and self._in_capture is not None else None
-        if not pending:
-            return
-        x, y = self.batches.input(batch).detach(), self.batches.target(batch)
-        self._check_input(x)
-        if train_mode:
-            self._check_capture(code, x, matched, self.tap)
-            code = code.detach()
-            if self._in_tap is not None:
-                self._check_capture(original, x, matched, self._in_tap)
-                original = original.detach()
-        self._epoch_steps += 1
-        self.fit_step(x, code, None if y is None else y.detach(), original=original)
-
-    def _check_capture(self, code: torch.Tensor | None, x: torch.Tensor, matched: int, tap: LayerTap) -> None:
-        """Fail with the fix when the user's training forward of the batch gave no usable activation at ``tap``."""
-        assert self.model is not None
-        fix = "Use activation_mode='eval' when training_step does not run the model once on input_fn(batch)."
-        if matched == 0:
-            raise RuntimeError(
-                f"ClaDec(activation_mode='train') saw no forward of {type(self.model).__name__} on input_fn(batch) "
-                f"inside training_step (forwards on other inputs, or from other hooks, are ignored), so it captured "
-                f"nothing at {tap.describe()}. {fix}"
-            )
-        if code is None or code.shape[0] != x.shape[0]:
-            got = "nothing" if code is None else f"a batch of {code.shape[0]}"
-            raise RuntimeError(
-                f"ClaDec(activation_mode='train') captured {got} at {tap.describe()} during training_step's "
-                f"forward of input_fn(batch), which has {x.shape[0]} examples. {fix}"
-            )
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._epoch_steps == 0:
-            self._warn_once(
-                "cadence",
-                f"ClaDec did not co-train during epoch {trainer.current_epoch}: no training batch was due with "
-                f"every_n_steps={self.every_n_steps} (an epoch of unknown length, or max_steps, ended first). "
-                "Lower every_n_steps.",
-            )
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -428,203 +300,6 @@ class ClaDec(ExplainerCallback):
             with torch.no_grad(), eval_mode(self.model):
                 self._classes = int(self._logits(x[:1]).shape[-1])
         return self._classes
-
-    def _usable_rows(
-        self, x: torch.Tensor, original: torch.Tensor, code: torch.Tensor, y: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rows a training step can use, and the targets of the classification term (``alpha > 0``)."""
-        keep = finite_rows(x, original, code)
-        target = None
-        if self.alpha > 0:
-            if y is None:  # the classifier's own predictions; a non-finite output is no target
-                with torch.no_grad(), eval_mode(self.model):
-                    logits = self._logits(x)
-                keep &= finite_rows(logits)
-                target = logits.argmax(-1)
-            else:
-                keep &= labels_in_range(y, self._num_classes(x)).to(keep.device)
-                target = y
-        return keep, target
-
-    def fit_step(
-        self,
-        x: torch.Tensor,
-        code: torch.Tensor | None = None,
-        y: torch.Tensor | None = None,
-        *,
-        original: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """One Adam step of the decoder and the RefAE on a batch; returns the losses.
-
-        ``code`` defaults to the classifier's eval-mode activation of ``x``; ``original`` (what is decoded to) to
-        ``x``, or with ``input_layer`` to that layer's eval-mode output on ``x``. Rows with a NaN/Inf input or
-        activation (with ``alpha > 0``: a label outside ``[0, K)`` or a non-finite prediction) are left out of the
-        step and counted in :attr:`skipped`; the step is skipped (counted in :attr:`skipped_steps`) only when a rank
-        has no usable row. Usable without a Trainer after :meth:`attach`.
-        """
-        assert self.model is not None
-        self._check_input(x)
-        if self._in_tap is None:
-            original = x
-        elif original is None or code is None:
-            original_eval, code_eval = self._encode_pair(x)
-            original = original_eval if original is None else original
-            code = code_eval if code is None else code
-        code = (self.encode(x) if code is None else code).detach().float()
-        original = original.detach()
-        core = self._ensure_built(original, code)
-        self._num_classes(x)  # once: a dict or tuple output without output_fn fails here, at the first step
-        self.steps += 1
-        keep, target = self._usable_rows(x, original, code, y)
-        left_out = int((~keep).sum())
-        if left_out:
-            self._note_skipped(left_out, "training rows")
-        if not _rows_on_every_rank(keep):  # before any forward: a NaN would also reach the RefAE's BatchNorm
-            self._skip("every row of its inputs, activations or labels")
-            return {}
-        if left_out:
-            x, original, code = x[keep], original[keep], code[keep]
-            target = None if target is None else target[keep]
-        x32 = original.float()
-        recon = core.decoder(code)
-        logits = None
-        if self.alpha > 0:
-            with eval_mode(self.model):  # BatchNorm statistics and dropout of the classifier stay untouched
-                logits = self._logits_on(recon, x, original)
-        loss, rec, _ = cladec_objective(recon, x32, self.alpha, logits, target)
-        losses = {"cladec/rec_loss": rec.detach()}
-        if core.refae is not None:
-            with self.rng.active(x.device):  # dropout in the copied encoder draws from the private stream
-                ref_loss = reconstruction_loss(core.refae(x32, source=x), x32)
-            loss = loss + ref_loss
-            losses["refae/rec_loss"] = ref_loss.detach()
-        if not owned_step(loss, [p for p in core.parameters() if p.requires_grad], self._optimizer):
-            self._skip("its gradients")
-        return losses
-
-    def _note_skipped(self, rows: int, where: str) -> None:
-        """Count training rows left out and warn once."""
-        self.skipped += rows
-        self._warn_once(
-            "rows",
-            f"ClaDec: left out {rows} {where} with NaN/Inf values or labels outside the class range (counted in "
-            f"{self.tag('skipped')}); the other rows are used.",
-        )
-
-    def _skip(self, what: str) -> None:
-        self.skipped_steps += 1
-        if self.skipped_steps == 1:
-            rank_zero_warn(f"ClaDec: skipped a step because {what} held NaN/Inf (counted in skipped_steps).")
-
-    # ------------------------------------------------------------------ validation and reports
-    def _score_names(self, with_targets: bool) -> list[str]:
-        """The scalars :meth:`_scores_on` returns (the same on every rank, whatever rows it could use)."""
-        names = [self.tag("rec_loss"), self.tag("agreement")]
-        names += [self.tag("acc_on_recon"), self.tag("ce_on_recon")] if with_targets else []
-        if self.use_refae:
-            ref = self.refae_prefix
-            names += [self.tag("rec_loss", ref), self.tag("agreement", ref)]
-            names += [self.tag("acc_on_recon", ref)] if with_targets else []
-        return names
-
-    def _scores_on(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], int]:
-        """Reconstruction losses, and the frozen classifier's accuracy, agreement and CE on the reconstructions, over
-        the usable rows of ``(x, y)``; returns the scores and the number of rows behind them.
-
-        Rows with a NaN/Inf input, activation or classifier output, or a label outside ``[0, K)``, are left out
-        (their number is kept in ``_metric_skipped``); with no usable row every score is 0 with weight 0.
-        """
-        logits_x, out = self._reconstruct(x)
-        original = x if out.original is None else out.original
-        keep = finite_rows(x, original, out.code, logits_x)
-        if y is not None:
-            keep &= labels_in_range(y, logits_x.shape[-1]).to(keep.device)
-        self._metric_skipped = int((~keep).sum())
-        n = int(keep.sum())
-        if n == 0:
-            return {name: torch.zeros((), device=x.device) for name in self._score_names(y is not None)}, 0
-        x, original, logits_x, cladec = x[keep], original[keep], logits_x[keep], out.cladec[keep]
-        y = None if y is None else y[keep]
-        refae = None if out.refae is None else out.refae[keep]
-        recons = cladec if refae is None else torch.cat([cladec, refae])
-        with torch.no_grad(), eval_mode(self.model):  # one forward for both reconstructions
-            logits = self._logits_on(recons, x if refae is None else torch.cat([x, x]), original)
-        labels, pred = logits.argmax(-1), logits_x.argmax(-1)
-        x32 = original.float()
-        scores = {
-            self.tag("rec_loss"): reconstruction_loss(cladec, x32),
-            self.tag("agreement"): (labels[:n] == pred).float().mean(),
-        }
-        if y is not None:
-            scores[self.tag("acc_on_recon")] = (labels[:n] == y).float().mean()
-            scores[self.tag("ce_on_recon")] = F.cross_entropy(logits[:n], y)
-        if refae is not None:
-            ref = self.refae_prefix
-            scores[self.tag("rec_loss", ref)] = reconstruction_loss(refae, x32)
-            scores[self.tag("agreement", ref)] = (labels[n:] == pred).float().mean()
-            if y is not None:
-                scores[self.tag("acc_on_recon", ref)] = (labels[n:] == y).float().mean()
-        return scores, n
-
-    def report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (self.core is None and self._restored is None) or self.examples.inputs is None:
-            return  # nothing trained yet (the same on every rank: the cadence depends on the step count only)
-        x = self.examples.inputs.to(pl_module.device)
-        y = None if self.examples.targets is None else self.examples.targets.to(pl_module.device)
-        scores, n = self._scores_on(x, y)
-        average = MeanOfNamed(sorted(scores)).to(x.device)
-        average.update(scores, weight=n)
-        values = average.compute()  # a collective under DDP: every rank gets here
-        ref_rec = values.get(self.tag("rec_loss", self.refae_prefix))
-        if ref_rec is not None and self.tag("rec_loss") in values:
-            values[self.tag("rec_ratio")] = values[self.tag("rec_loss")] / ref_rec.clamp_min(1e-12)
-        if self._metric_skipped:
-            self._warn_once(
-                "metric",
-                f"ClaDec: {self._metric_skipped} of the {x.shape[0]} metric-set examples have NaN/Inf inputs, "
-                "activations or outputs, or labels outside the class range; the scalars leave them out (counted in "
-                f"{self.tag('skipped')}).",
-            )
-        left_out = self.skipped + getattr(self.examples, "skipped", 0) + self._metric_skipped
-        skipped = torch.tensor([float(left_out)], device=x.device)
-        values[self.tag("skipped")] = all_reduce_(skipped, "sum")[0]
-        log_scalars(pl_module, values)
-        if trainer.is_global_zero and len(self.probe):
-            self.draw_probes(trainer)
-
-    def draw_probes(self, trainer: pl.Trainer) -> None:
-        """Log the probe panels (images) or bar charts (tabular inputs) to the image-capable loggers.
-
-        With ``input_layer``, sequences of vectors ``(T, d)`` (token embeddings) are drawn as one-channel images."""
-        assert self.probe.inputs is not None and self.core is not None
-        x = self.probe.inputs.to(next(self.core.parameters()).device)
-        keep = finite_rows(x)  # a NaN/Inf example has no picture
-        targets = None if self.probe.targets is None else self.probe.targets[keep.cpu()]
-        if not bool(keep.any()):
-            return
-        out = self.explain(x[keep])
-        shown = (x[keep] if out.original is None else out.original).cpu().float()
-        cladec, refae = out.cladec.cpu(), (out.refae.cpu() if out.refae is not None else None)
-        if self.input_layer is not None and shown.dim() == 3:
-            shown, cladec = shown.unsqueeze(1), cladec.unsqueeze(1)
-            refae = None if refae is None else refae.unsqueeze(1)
-        if shown.dim() == 4:  # original | RefAE | ClaDec | ClaDec − original, on the originals' intensity range
-            low, high = float(shown.min()), float(shown.max())
-            tiles = [to_rgb(shown, low, high)] + ([to_rgb(refae, low, high)] if refae is not None else [])
-            rows = tile_row(tiles + [to_rgb(cladec, low, high), diverging(cladec - shown, high - low)])
-            log_image(trainer, self.tag("probes"), stack_rows(rows))
-            return
-        rows, titles = [], []
-        for i in range(min(4, shown.shape[0])):
-            series = {"original": shown[i].flatten()}
-            if refae is not None:
-                series["RefAE"] = refae[i].flatten()
-            series["ClaDec"] = cladec[i].flatten()
-            rows.append(series)
-            label = "" if targets is None else f" (label {int(targets[i])})"
-            titles.append(f"probe {i}{label}")
-        names = getattr(trainer.datamodule, "feature_names", None) if trainer.datamodule is not None else None
-        log_image(trainer, self.tag("probes"), figure_to_image(feature_bars(rows, names, titles)))
 
     # ------------------------------------------------------------------ explanations
     def attach(self, model: nn.Module) -> ClaDec:

@@ -59,6 +59,31 @@ def same_input(candidate: torch.Tensor, x: torch.Tensor) -> bool:
         return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
 
 
+def check_capture(code: torch.Tensor | None, x: torch.Tensor, matched: int, tap: LayerTap, model: nn.Module) -> None:
+    """Fail with the fix when the user's training forward of the batch gave no usable activation at ``tap``.
+
+    Args:
+        code: what :meth:`BatchCapture.disarm` returned (``None`` when no matching forward reached the layer).
+        x: the batch input ``input_fn(batch)``, ``(B, ...)``.
+        matched: :attr:`BatchCapture.matched`, read before disarming.
+        tap: the layer the capture listened at (named in the message).
+        model: the explained network (named in the message).
+    """
+    fix = "Use activation_mode='eval' when training_step does not run the model once on input_fn(batch)."
+    if matched == 0:
+        raise RuntimeError(
+            f"ClaDec(activation_mode='train') saw no forward of {type(model).__name__} on input_fn(batch) "
+            f"inside training_step (forwards on other inputs, or from other hooks, are ignored), so it captured "
+            f"nothing at {tap.describe()}. {fix}"
+        )
+    if code is None or code.shape[0] != x.shape[0]:
+        got = "nothing" if code is None else f"a batch of {code.shape[0]}"
+        raise RuntimeError(
+            f"ClaDec(activation_mode='train') captured {got} at {tap.describe()} during training_step's "
+            f"forward of input_fn(batch), which has {x.shape[0]} examples. {fix}"
+        )
+
+
 def module_chain(model: nn.Module, name: str) -> list[nn.Module]:
     """The modules from ``model`` down to the layer called ``name``, both included (each once)."""
     parts = name.split(".") if name else []
