@@ -251,6 +251,7 @@ def test_wheel_ships_the_configs_and_the_console_script(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for config in ("train.yaml", "data/digits.yaml", "callbacks/default.yaml", "experiment/quick.yaml"):
         assert f"lightning_xai/configs/{config}" in names
+    assert "lightning_xai/py.typed" in names  # type checkers read the package's hints (PEP 561)
 
     venv = tmp_path / "venv"
     env = _clean_env()
