@@ -70,6 +70,14 @@ class AttributionCallback(ExplainerCallback):
         """Log images for the probe examples ``x`` (global rank zero only)."""
 
     # ------------------------------------------------------------------ shared pieces
+    def _explained(self, model: torch.nn.Module | None) -> torch.nn.Module:
+        """``model``, or the model the callback was set up with."""
+        model = model if model is not None else self.model
+        if model is None:
+            raise RuntimeError(f"{type(self).__name__}.explain needs a model: pass model=<the network> (the callback "
+                               "has not been set up by trainer.fit)")
+        return model
+
     def orderings(
         self, x: torch.Tensor, target: torch.Tensor, attributions: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:

@@ -97,17 +97,17 @@ class Insens(AttributionCallback):
         if self.input_layer is not None:
             resolve_layer(model, self.input_layer)
 
-    def explain(self, x: torch.Tensor) -> InsensMap:
-        """Insens of the attached model for a batch ``x`` (see :func:`~lightning_xai.insens.insens`)."""
-        if self.model is None:
-            raise RuntimeError("Insens.explain needs the callback to have been set up by trainer.fit")
-        x = to_module_dtype(x, self.model)
-        features = layer_output(self.model, x[:1], self.input_layer)[0].numel()
+    def explain(self, x: torch.Tensor, *, model: torch.nn.Module | None = None) -> InsensMap:
+        """Insens for a batch ``x`` (see :func:`~lightning_xai.insens.insens`) of ``model`` or, by default, of the model
+        the callback was set up with (after a checkpoint load, ``model=`` is all it needs)."""
+        model = self._explained(model)
+        x = to_module_dtype(x, model)
+        features = layer_output(model, x[:1], self.input_layer)[0].numel()
         method = self.norms if self.norms != "auto" else ("exact" if features <= 1024 else "hutchinson")
         # directions per batched forward: about DUAL_BATCH stacked examples at a time, whatever the metric set size
         chunk = max(1, DUAL_BATCH // x.shape[0])
         with self.rng.active(x.device):
-            return insens(self.model, x, method=method, samples=self.samples, maxpool_losers=self.maxpool_losers,
+            return insens(model, x, method=method, samples=self.samples, maxpool_losers=self.maxpool_losers,
                           chunk_size=chunk, input_layer=self.input_layer)
 
     def _gradient(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -96,12 +96,15 @@ class Linearization(AttributionCallback):
         if self.input_layer is not None:
             resolve_layer(model, self.input_layer)
 
-    def explain(self, x: torch.Tensor, classes: torch.Tensor | None = None) -> Linearized:
-        """``F(x) = W·x + b`` of the attached model for all outputs (or ``classes``), see :func:`linearize`."""
-        if self.model is None:
-            raise RuntimeError("Linearization.explain needs the callback to have been set up by trainer.fit")
-        return linearize(self.model, to_module_dtype(x, self.model), classes, mode=self.mode,
-                         input_layer=self.input_layer, output_fn=self.output_fn)
+    def explain(
+        self, x: torch.Tensor, classes: torch.Tensor | None = None, *, model: torch.nn.Module | None = None
+    ) -> Linearized:
+        """``F(x) = W·x + b`` for all outputs (or ``classes``), see :func:`linearize`, of ``model`` or, by default, of
+        the model the callback was set up with. Nothing is fitted, so after a checkpoint load ``model=`` is all it
+        needs."""
+        model = self._explained(model)
+        return linearize(model, to_module_dtype(x, model), classes, mode=self.mode, input_layer=self.input_layer,
+                         output_fn=self.output_fn)
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         assert self.model is not None

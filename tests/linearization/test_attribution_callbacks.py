@@ -84,3 +84,14 @@ def test_metric_set_survives_a_checkpoint(tmp_path):
 def test_bad_arguments_name_the_value(factory, match):
     with pytest.raises(ValueError, match=match):
         factory()
+
+
+def test_explain_after_a_checkpoint_load_takes_the_model():
+    model = SmallCNN().eval()
+    x = torch.rand(3, 1, 8, 8)
+    for callback in (Linearization(), Insens()):
+        with pytest.raises(RuntimeError, match="model="):
+            callback.explain(x)
+    lin = Linearization().explain(x, model=model)
+    assert lin.residual(x).max() < 1e-5 and lin.weight.shape == (3, 10, 1, 8, 8)
+    assert Insens().explain(x, model=model).map.shape == x.shape
