@@ -45,18 +45,28 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_xai._core.batch import BatchFn
 from lightning_xai._core.callback import ExplainerCallback
-from lightning_xai._core.logging import figure_to_image, log_image, log_scalars
+from lightning_xai._core.logging import log_scalars
 from lightning_xai._core.outputs import OutputFn
-from lightning_xai.dmmmen.bootstrap import bootstrap_tests
+from lightning_xai.dmmmen.arguments import check_arguments
 from lightning_xai.dmmmen.features import FeatureSelector, class_logit
 from lightning_xai.dmmmen.model import DMMMENSurrogate
-from lightning_xai.dmmmen.network import network_logits
-from lightning_xai.viz import diverging, new_figure, stack_rows, tile_row
+from lightning_xai.dmmmen.network import check_class_logits, network_logits
+from lightning_xai.dmmmen.report import (
+    bootstrap_scores,
+    draw_components,
+    fidelity_scores,
+    logit_spread,
+    r_squared,
+    top_positive_features,
+)
+from lightning_xai.dmmmen.reservoir import Reservoir
+from lightning_xai.dmmmen.rows import canonical_rows, gathered_rows, split_by_class
+
+__all__ = ["DMMMEN", "canonical_rows"]  # canonical_rows: re-exported from its old home
 
 
 class DMMMEN(ExplainerCallback):
@@ -119,17 +129,9 @@ class DMMMEN(ExplainerCallback):
     ) -> None:
         super().__init__(input_fn=input_fn, target_fn=target_fn, probe_size=0, metric_size=metric_size,
                          every_n_epochs=every_n_epochs, name=name, seed=seed)
-        for key, value in (("n_features", n_features), ("sweeps", sweeps), ("refit_sweeps", refit_sweeps),
-                           ("max_examples", max_examples), ("top_features", top_features),
-                           ("metric_size", metric_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{key}={value!r} must be a positive integer")
-        if not isinstance(target_class, int) or isinstance(target_class, bool) or target_class < 0:
-            raise ValueError(f"target_class={target_class!r} must be a non-negative class index")
-        if time_budget is not None and time_budget <= 0:
-            raise ValueError(f"time_budget={time_budget!r} must be positive or None")
-        if output_fn is not None and not callable(output_fn):
-            raise ValueError(f"output_fn={output_fn!r} must be a callable (model output -> logits (B, K)) or None")
+        check_arguments(target_class, time_budget, output_fn, positive=dict(
+            n_features=n_features, sweeps=sweeps, refit_sweeps=refit_sweeps, max_examples=max_examples,
+            top_features=top_features, metric_size=metric_size))
         self.target_class = target_class
         self.n_features, self.sweeps, self.refit_sweeps = n_features, sweeps, refit_sweeps
         self.time_budget, self.max_examples, self.top_features = time_budget, max_examples, top_features
@@ -140,10 +142,7 @@ class DMMMEN(ExplainerCallback):
         self._surrogate_args = (n_components, n_nets, seed)
         self._surrogate: DMMMENSurrogate | None = None  # built on first use: a torch.Generator cannot cross ddp_spawn
         self.selector = None if feature_indices is None else FeatureSelector(indices=list(feature_indices))
-        self._buffer: torch.Tensor | None = None  # reservoir of training inputs (CPU); rows [0, _filled) are kept
-        self._buffer_labels: torch.Tensor | None = None
-        self._filled = 0
-        self._seen = 0
+        self._reservoir = Reservoir(max_examples)  # the training inputs (and labels) kept for refits
         self.fits = 0
         self.skipped_rows = 0  # training inputs left out of the reservoir for holding NaN/Inf
         self._skipped_reported = 0  # skipped_rows at the previous report
@@ -180,18 +179,24 @@ class DMMMEN(ExplainerCallback):
     @property
     def pool(self) -> torch.Tensor | None:
         """The training inputs kept in the reservoir (``None`` before the first batch)."""
-        return None if self._buffer is None else self._buffer[: self._filled]
+        return self._reservoir.inputs
 
     @property
     def pool_labels(self) -> torch.Tensor | None:
         """Their labels (``None`` when the batches carry none)."""
-        return None if self._buffer_labels is None else self._buffer_labels[: self._filled]
+        return self._reservoir.labels
+
+    @property
+    def _seen(self) -> int:
+        """Training inputs offered to the reservoir so far (this process)."""
+        return self._reservoir.seen
 
     def train_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         x, y = self.batches.input(batch).detach().cpu(), self.batches.target(batch)
         y = None if y is None else y.detach().cpu()
-        if not self._io_checked and self.model is not None and x.shape[0]:
-            self._check_model_io(x)
+        if not self._io_checked and self.model is not None and x.shape[0]:  # once: (B, K) logits, class in range
+            self._io_checked = True
+            check_class_logits(self.model, x, self.output_fn, self.target_class)
         if not x.is_floating_point():
             self._warn_once("integer", f"the inputs are {x.dtype} (token ids?): DMM-MEN regresses on input features, "
                             "so they are used as numbers (cast to float64); each coefficient weighs the value at one "
@@ -202,69 +207,9 @@ class DMMMEN(ExplainerCallback):
                             f"{self.tag('skipped')}).")
             self.skipped_rows += int((~finite).sum())
             x, y = x[finite], None if y is None else y[finite]
-        self._offer(x, y)
-
-    def _check_model_io(self, x: torch.Tensor) -> None:
-        """At the first batch: the model's output on a row or two is ``(B, K)`` logits with ``target_class < K``."""
-        self._io_checked = True
-        with torch.random.fork_rng(devices=[]):  # leaves every random stream alone
-            logits = network_logits(self.model, x[:2], self.output_fn)
-        if logits.shape[1] < 2 or self.target_class >= logits.shape[1]:
-            raise ValueError(f"DMMMEN: target_class={self.target_class} needs logits (B, K) with K >= 2 and "
-                             f"target_class < K; the model's output gives shape {tuple(logits.shape)} (choose the "
-                             "logits with output_fn, or a class in range).")
-
-    def _offer(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
-        """Offer a batch to the reservoir (Vitter's algorithm R, vectorised: O(batch) per batch).
-
-        Free slots take the first rows; each later row, the t-th of the stream, replaces slot ``j`` drawn uniformly
-        from ``[0, t)`` when ``j < max_examples`` (the last row drawn for a slot wins, as one at a time would), so
-        the reservoir is a uniform sample of the stream. The draws come from the callback's private stream.
-        """
-        n = x.shape[0]
-        if n == 0:
-            return
-        if self._buffer is not None and tuple(self._buffer.shape[1:]) != tuple(x.shape[1:]):
-            raise ValueError(f"DMMMEN: training inputs must all have one shape; got {tuple(x.shape[1:])} after "
-                             f"{tuple(self._buffer.shape[1:])} (pad them to one length with input_fn).")
-        if self._filled and (y is None) != (self._buffer_labels is None):
+        if self._reservoir.offer(x, y, self.rng):
             self._warn_once("labels", "some training batches carry labels and some do not: the class's inputs are "
                             "chosen by the network's predictions.")
-            self._buffer_labels, y = None, None
-        free = min(n, self.max_examples - self._filled)
-        if free:
-            self._grow(self._filled + free, x, y)
-            self._buffer[self._filled : self._filled + free] = x[:free]
-            if y is not None:
-                self._buffer_labels[self._filled : self._filled + free] = y[:free]
-            self._filled += free
-        if free < n:
-            rows, slots = self._replacements(self._seen + free, n - free)
-            rows += free
-            self._buffer[slots] = x[rows].to(self._buffer.dtype)
-            if y is not None:
-                self._buffer_labels[slots] = y[rows].to(self._buffer_labels.dtype)
-        self._seen += n
-
-    def _replacements(self, seen: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """For the next ``m`` rows after ``seen`` of a full reservoir: the rows (offsets) that enter and their slots."""
-        t = seen + torch.arange(1, m + 1, dtype=torch.float64)  # each row's 1-based position in the stream
-        with self.rng.active():
-            u = torch.rand(m, dtype=torch.float64)
-        j = torch.minimum((u * t).long(), t.long() - 1)  # uniform in [0, t)
-        rows = torch.nonzero(j < self.max_examples).flatten()
-        slots, inverse = torch.unique(j[rows], return_inverse=True)
-        last = torch.full((slots.numel(),), -1, dtype=torch.long).scatter_reduce(0, inverse, rows, reduce="amax")
-        return last, slots
-
-    def _grow(self, rows: int, x: torch.Tensor, y: torch.Tensor | None) -> None:
-        """Make room for ``rows`` kept inputs: capacity doubles (at most ``max_examples``), so filling is linear."""
-        capacity = 0 if self._buffer is None else self._buffer.shape[0]
-        if rows > capacity:
-            capacity = min(self.max_examples, max(rows, 2 * capacity, 64))
-            self._buffer = _resized(self._buffer, self._filled, capacity, x)
-        if y is not None and (self._buffer_labels is None or self._buffer_labels.shape[0] < capacity):
-            self._buffer_labels = _resized(self._buffer_labels, self._filled, capacity, y)
 
     # ------------------------------------------------------------------ fitting
     def _logits(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
@@ -278,39 +223,15 @@ class DMMMEN(ExplainerCallback):
         """Split ``x`` into the inputs of the explained class (by label, else by the network's prediction) with their
         target (float64 CPU), and the others; rows whose input or network output is NaN/Inf are left out and counted.
         """
-        logits = self._logits(x)
-        keep = torch.isfinite(logits).all(1)
-        if x.is_floating_point():
-            keep &= torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
-        left_out = int((~keep).sum())
+        x_class, target, x_other, left_out = split_by_class(x, self._logits(x), labels, self.target_class)
         if left_out:
             self._warn_once("outputs", f"left out {left_out} row(s) on which the input or the network's output is "
                             f"NaN/Inf (counted in {self.tag('skipped')}).")
-        chosen = (labels.to(x.device) if labels is not None else logits.argmax(-1)) == self.target_class
-        target = class_logit(logits[keep & chosen], self.target_class).cpu()
-        return x[keep & chosen], target, x[keep & ~chosen], left_out
-
-    def _gathered(
-        self, trainer: pl.Trainer | None, x: torch.Tensor | None, y: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Every process's rows (a collective under DDP) in a canonical order: distinct inputs, sorted.
-
-        The order and the duplicates a sampler deals out then no longer matter: a fit or a score on the same examples
-        is the same on one process or many.
-        """
-        parts: list[Any] = [(x, y)]
-        if trainer is not None and trainer.world_size > 1:
-            parts = [None] * trainer.world_size
-            dist.all_gather_object(parts, (x, y))
-        xs = [p for p, _ in parts if p is not None]
-        ys = [q for _, q in parts if q is not None]
-        if not xs:
-            return None, None
-        return canonical_rows(torch.cat(xs), torch.cat(ys) if len(ys) == len(xs) else None)
+        return x_class, target, x_other, left_out
 
     def refit(self, trainer: pl.Trainer | None = None, device: torch.device | str = "cpu") -> None:
         """(Re)fit the surrogate on the current network's outputs for the stored inputs of the class."""
-        pool, labels = self._gathered(trainer, self.pool, self.pool_labels)
+        pool, labels = gathered_rows(trainer, self.pool, self.pool_labels)
         rank_zero = trainer is None or trainer.is_global_zero
         if rank_zero and pool is not None:
             self._fit(pool.to(device), labels)
@@ -350,7 +271,7 @@ class DMMMEN(ExplainerCallback):
         """Refit, then score on every process's metric set (collectives: every rank calls it); ``None`` before the
         first fit. ``skipped`` adds the rows left out since the previous report."""
         self.refit(trainer, pl_module.device)
-        examples = self._gathered(trainer, self.examples.inputs, self.examples.targets)  # every process's metric set
+        examples = gathered_rows(trainer, self.examples.inputs, self.examples.targets)  # every process's metric set
         if self.fits == 0 or examples[0] is None:
             return None
         values = self.evaluate(pl_module.device, *examples)
@@ -381,15 +302,8 @@ class DMMMEN(ExplainerCallback):
         if x_class.shape[0] < 2:
             return values
         features = self.selector.transform(x_class.cpu()).double()
-        mixture, _ = self.surrogate.predict(features)
-        assigned, _ = self.surrogate.predict(features, target)
-        low, high = self.surrogate.predictive_interval(features, level=0.9)
-        prob = torch.sigmoid(target)
-        values.update({
-            "rmsd_prob": float((torch.sigmoid(mixture) - prob).square().mean().sqrt()),
-            "rmsd_prob_assigned": float((torch.sigmoid(assigned) - prob).square().mean().sqrt()),
-            "coverage90": float(((target >= low) & (target <= high)).double().mean()),
-        })
+        scores, assigned = fidelity_scores(self.surrogate, features, target)
+        values.update(scores)
         r2 = self._r2(assigned, target)
         if r2 is not None:
             values["r2"] = r2
@@ -400,51 +314,26 @@ class DMMMEN(ExplainerCallback):
     def _r2(self, predicted: torch.Tensor, target: torch.Tensor) -> float | None:
         """R² of the surrogate on the class's logits; ``None`` (warned once) when the logits are constant, where R²
         is undefined (any tiny residual over a zero spread gives a huge negative number)."""
-        spread = float(target.std()) if target.numel() > 1 else 0.0
-        if spread <= 1e-6 * max(1.0, float(target.abs().max())):
+        spread, constant = logit_spread(target)
+        if constant:
             self._warn_once("constant", f"the network's logit for class {self.target_class} is constant on the "
                             f"metric set (sd {spread:.3g}): R² is undefined, so {self.tag('r2')} is not logged.")
             return None
-        return float(1 - (predicted - target).square().sum() / (target - target.mean()).square().sum())
+        return r_squared(predicted, target)
 
     def _bootstrap(self, x_class: torch.Tensor, x_other: torch.Tensor) -> dict[str, float]:
-        """The paper's three bootstrap tests for the heaviest component's top features."""
-        # the heaviest component's most positive coefficients: the features whose values raise the class's logit
-        # (the authors rank by |β|; a negative-β feature's removal raises the class rate and muddles the test)
-        beta = self.surrogate.components.coefficients[0]
-        k = min(self.top_features, beta.numel())
-        top = self.selector.indices[beta.argsort(descending=True)[:k]]
+        """The paper's three bootstrap tests for the heaviest component's top (most positive) features, on a
+        generator seeded from the callback's private stream."""
+        top = top_positive_features(self.surrogate, self.selector, self.top_features)
         with self.rng.active():
             generator = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
-        lowest = float(torch.minimum(x_class.min(), x_other.min()))
-        highest = float(torch.maximum(x_class.max(), x_other.max()))
-        if x_class.is_floating_point():  # new cases: faint noise just above the baseline (the paper: N(0.03, 0.01))
-            noise = (0.0, 0.05 * (highest - lowest))
-        else:  # token ids: random ids from the observed range
-            noise = (lowest, highest)
-        tests = bootstrap_tests(self.model, self.target_class, top, x_class, x_other, baseline=0.0, noise=noise,
-                                generator=generator, output_fn=self.output_fn)
-        return {f"pcr_{key}": value for key, value in tests.as_dict().items()}
+        return bootstrap_scores(self.model, self.target_class, top, x_class, x_other, generator, self.output_fn)
 
     def draw(self, trainer: pl.Trainer) -> None:
         """Coefficient maps of the occupied components (image inputs) and the mixture weights (a bar chart)."""
         assert self.selector is not None
-        comp = self.surrogate.components
-        shown = torch.nonzero(comp.occupied).flatten()[:6]
-        if self.selector.input_shape is not None and len(self.selector.input_shape) == 3:
-            maps = self.selector.scatter(comp.coefficients[shown].float())
-            limit = maps.abs().flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
-            tiles = diverging(maps / limit, 1.0)  # one tile per component, blue < 0 < red
-            log_image(trainer, self.tag("components"), stack_rows(tile_row([tiles])))
-        figure = new_figure(4, 2.5)
-        ax = figure.subplots()
-        ax.bar(range(len(comp.weights)), comp.weights.tolist(),
-               color=["tab:blue" if o else "lightgray" for o in comp.occupied.tolist()])
-        ax.set_xlabel("component (heaviest first; grey: unoccupied)")
-        ax.set_ylabel("weight")
-        ax.set_title(f"DMM-MEN mixture weights, class {self.target_class}", fontsize=9)
-        figure.tight_layout()
-        log_image(trainer, self.tag("weights"), figure_to_image(figure))
+        tags = (self.tag("components"), self.tag("weights"))
+        draw_components(trainer, tags, self.selector, self.surrogate.components, self.target_class)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """As the base class; a validation epoch that passes without a refit because of ``every_n_epochs`` is warned
@@ -502,38 +391,13 @@ class DMMMEN(ExplainerCallback):
 
     def explainer_state(self) -> dict[str, Any]:
         state = self._fit_state()
-        state.update(pool=_trimmed(self._buffer, self._filled), labels=_trimmed(self._buffer_labels, self._filled),
-                     seen=self._seen, skipped_rows=self.skipped_rows, skipped_reported=self._skipped_reported)
+        state.update(self._reservoir.state_dict(), skipped_rows=self.skipped_rows,
+                     skipped_reported=self._skipped_reported)
         return state
 
     def load_explainer_state(self, state: dict[str, Any]) -> None:
         self._load_fit(state)
-        self._buffer, self._buffer_labels, self._seen = state["pool"], state["labels"], int(state["seen"])
-        self._filled = 0 if self._buffer is None else min(self._buffer.shape[0], self.max_examples)
+        self._reservoir.load_state_dict(state)
         self.skipped_rows = int(state.get("skipped_rows", 0))
         self._skipped_reported = int(state.get("skipped_reported", self.skipped_rows))
 
-
-def _resized(buffer: torch.Tensor | None, filled: int, rows: int, like: torch.Tensor) -> torch.Tensor:
-    """A buffer of ``rows`` rows shaped like ``like``'s rows (typed like ``buffer``), holding ``buffer[:filled]``."""
-    out = torch.empty((rows, *like.shape[1:]), dtype=like.dtype if buffer is None else buffer.dtype)
-    if buffer is not None and filled:
-        out[:filled] = buffer[:filled]
-    return out
-
-
-def _trimmed(buffer: torch.Tensor | None, filled: int) -> torch.Tensor | None:
-    """The first ``filled`` rows as a tensor of their own (a view would save the whole buffer in a checkpoint)."""
-    if buffer is None:
-        return None
-    return buffer if buffer.shape[0] == filled else buffer[:filled].clone()
-
-
-def canonical_rows(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The distinct rows of ``x`` in lexicographic order (with the label of each one's first occurrence)."""
-    if x.shape[0] == 0:
-        return x, y
-    _, inverse = torch.unique(x.reshape(x.shape[0], -1), dim=0, return_inverse=True)
-    positions = torch.arange(x.shape[0])
-    first = torch.full((int(inverse.max()) + 1,), x.shape[0]).scatter_reduce(0, inverse, positions, reduce="amin")
-    return x[first], None if y is None else y[first]

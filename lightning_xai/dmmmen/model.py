@@ -24,7 +24,6 @@ belongs to (``z`` does not depend on ``x`` in the model), so :meth:`DMMMENSurrog
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -33,12 +32,15 @@ import torch
 from torch import Tensor
 
 from lightning_xai.dmmmen import gibbs
+from lightning_xai.dmmmen.chain import INTERCEPT_PRIOR_SCALE, centring, fingerprint, initial_state, summarise
+from lightning_xai.dmmmen.checks import fit_data, fit_options, gamma_prior, positive_int
 from lightning_xai.dmmmen.outputs import Components, Explanation, mixture_interval, mixture_quantile
 from lightning_xai.dmmmen.relabel import OnlineMeans
 from lightning_xai.dmmmen.state import ChainState, Design, Priors, Timer, make_design, recompute_statistics
 
+__all__ = ["FORMAT_VERSION", "INTERCEPT_PRIOR_SCALE", "DMMMENSurrogate"]
+
 FORMAT_VERSION = 1
-INTERCEPT_PRIOR_SCALE = 100.0  # intercept prior variance v₀ = this × Var(y)
 
 
 class DMMMENSurrogate:
@@ -78,13 +80,13 @@ class DMMMENSurrogate:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float64,
     ) -> None:
-        self.n_components = _positive_int("n_components", n_components)
-        self.n_nets = _positive_int("n_nets", n_nets)
+        self.n_components = positive_int("n_components", n_components)
+        self.n_nets = positive_int("n_nets", n_nets)
         self.priors = Priors(
-            alpha=_gamma_prior("alpha_prior", alpha_prior),
-            sigma=_gamma_prior("sigma_prior", sigma_prior),
-            lambda1=_gamma_prior("lambda1_prior", lambda1_prior, fixable=True),
-            lambda2=_gamma_prior("lambda2_prior", lambda2_prior, fixable=True),
+            alpha=gamma_prior("alpha_prior", alpha_prior),
+            sigma=gamma_prior("sigma_prior", sigma_prior),
+            lambda1=gamma_prior("lambda1_prior", lambda1_prior, fixable=True),
+            lambda2=gamma_prior("lambda2_prior", lambda2_prior, fixable=True),
         )
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"seed must be an int, got {seed!r}")
@@ -135,37 +137,59 @@ class DMMMENSurrogate:
         Returns:
             ``self``.
         """
-        x, y = self._check_data(x, y)
-        sweeps = _positive_int("sweeps", sweeps)
-        burn = sweeps // 2 if burn_in is None else burn_in
-        if not isinstance(burn, int) or isinstance(burn, bool) or not 0 <= burn <= sweeps:
-            raise ValueError(f"burn_in must be an int in [0, sweeps={sweeps}], got {burn_in!r}")
-        if time_budget is not None and not (isinstance(time_budget, (int, float)) and time_budget > 0):
-            raise ValueError(f"time_budget must be a positive number of seconds or None, got {time_budget!r}")
-        if not (isinstance(progress, bool) or callable(progress)):
-            raise ValueError(f"progress must be a bool or a callable (done, total), got {progress!r}")
+        x, y = fit_data(x, y, self.device, self.dtype)
+        sweeps, burn = fit_options(sweeps, burn_in, time_budget, progress)
         started = time.perf_counter()
-        fingerprint = _fingerprint(x, y)
+        design = self._start(x, y, warm_start)
+        timer = Timer(enabled=profile)
+        self.sweeps_done = self._run(design, sweeps, burn, started, time_budget, progress, timer)
+        state = self._state
+        self.acceptance = {
+            name: a / b
+            for name, a, b in zip(("sigma2", "lambda1", "lambda2"), state.accepted.tolist(), state.tried.tolist())
+            if b > 0
+        }
+        self.timings = dict(timer.seconds)
+        return self
+
+    def _start(self, x: Tensor, y: Tensor, warm_start: bool) -> Design:
+        """The design of this fit, with the chain ready for its first sweep: restarted from the seed (a fresh fit),
+        or continued (a warm start; on new data the assignments are first drawn from the current parameters)."""
+        data_hash = fingerprint(x, y)
         continuing = bool(warm_start) and self._state is not None
         if continuing and x.shape[1] != self._centre["p"]:
             expected = self._centre["p"]
             raise ValueError(f"warm_start needs the same number of features as before ({expected}), got {x.shape[1]}")
         if not continuing:
             self._generator.manual_seed(self.seed)
-            self._centre = self._centring(x, y)
+            self._centre = centring(x, y, self.fit_intercept)
         design = self._design(x, y)
         if not continuing:
-            self._state = self._initial_state(design)
-        elif fingerprint != self._centre["fingerprint"]:  # new data: assignments from the current parameters
+            self._state = initial_state(design, self.priors, self.n_components, self.n_nets, self._generator,
+                                        self.dtype, self.device)
+        elif data_hash != self._centre["fingerprint"]:  # new data: assignments from the current parameters
             z = gibbs.sample_assignments(self._state, design, self._generator)
             recompute_statistics(self._state, design, z)
-        self._centre["fingerprint"] = fingerprint
-        state = self._state
-        state.accepted.zero_()
-        state.tried.zero_()
+        self._centre["fingerprint"] = data_hash
+        self._state.accepted.zero_()
+        self._state.tried.zero_()
         self._means = OnlineMeans(self.n_components, design.x.shape[1], design.x)
         self._components = None
-        timer = Timer(enabled=profile)
+        return design
+
+    def _run(
+        self,
+        design: Design,
+        sweeps: int,
+        burn: int,
+        started: float,
+        time_budget: float | None,
+        progress: Callable[[int, int], None] | bool,
+        timer: Timer,
+    ) -> int:
+        """Run up to ``sweeps`` sweeps (penalty steps tuned during the first ``burn``, means kept after), stopping
+        cleanly once ``time_budget`` seconds have passed since ``started``; returns the sweeps done."""
+        state = self._state
         bar = _progress_bar(sweeps) if progress is True else None
         done, self.stopped_early = 0, False
         try:
@@ -186,14 +210,7 @@ class DMMMENSurrogate:
         finally:
             if bar is not None:
                 bar.close()
-        self.sweeps_done = done
-        self.acceptance = {
-            name: a / b
-            for name, a, b in zip(("sigma2", "lambda1", "lambda2"), state.accepted.tolist(), state.tried.tolist())
-            if b > 0
-        }
-        self.timings = dict(timer.seconds)
-        return self
+        return done
 
     def _accumulate(self, state: ChainState) -> None:
         values = {
@@ -204,102 +221,19 @@ class DMMMENSurrogate:
         }
         self._means.add(state.z, state.log_pi.exp(), state.counts, values, state.alpha)
 
-    def _check_data(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        x = torch.as_tensor(x).detach().to(device=self.device, dtype=self.dtype)
-        y = torch.as_tensor(y).detach().to(device=self.device, dtype=self.dtype)
-        if x.dim() != 2 or x.shape[0] < 2 or x.shape[1] < 1:
-            raise ValueError(f"x must be a 2-D tensor (n >= 2, p >= 1), got shape {tuple(x.shape)}")
-        if y.shape != (x.shape[0],):
-            raise ValueError(f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
-        if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):
-            raise ValueError("x and y must be finite (no NaN or inf); clip probabilities with logit_target")
-        return x, y
-
-    def _centring(self, x: Tensor, y: Tensor) -> dict:
-        if self.fit_intercept:
-            x_mean, y_mean = x.mean(0), y.mean()
-        else:
-            x_mean, y_mean = torch.zeros_like(x[0]), torch.zeros_like(y[0])
-        v0 = INTERCEPT_PRIOR_SCALE * max(float(y.var()), 1e-12)
-        return {"x_mean": x_mean, "y_mean": y_mean, "v0": v0, "p": x.shape[1], "fingerprint": None}
-
     def _design(self, x: Tensor, y: Tensor) -> Design:
         c = self._centre
         return make_design(x, y, c["x_mean"], c["y_mean"], self.fit_intercept, c["v0"])
-
-    def _initial_state(self, design: Design) -> ChainState:
-        """Random assignments, prior-mean hyper-parameters, then one parameter draw given the assignments."""
-        j, k, gen = self.n_components, self.n_nets, self._generator
-        n, q, p = design.x.shape[0], design.x.shape[1], design.p
-        like = dict(dtype=self.dtype, device=self.device)
-        z = torch.randint(j, (n,), generator=gen, device=self.device)
-        c = torch.randint(k, (j,), generator=gen, device=self.device)
-
-        def start(prior: tuple[float, float] | float) -> Tensor:
-            value = prior[0] / prior[1] if isinstance(prior, tuple) else prior
-            return torch.full((k,), value, **like)
-
-        state = ChainState(
-            z=torch.full_like(z, -1),
-            counts=torch.zeros(j, **like),
-            gram=torch.zeros(j, q, q, **like),
-            xty=torch.zeros(j, q, **like),
-            yty=torch.zeros(j, **like),
-            log_pi=torch.full((j,), -math.log(j), **like),
-            log1m_mu=torch.zeros(j - 1, **like),
-            alpha=torch.tensor(self.priors.alpha[0] / self.priors.alpha[1], **like),
-            c=c,
-            log_w=torch.full((k,), -math.log(k), **like),
-            lam1=start(self.priors.lambda1),
-            lam2=start(self.priors.lambda2),
-            log_step=torch.full((2, k), math.log(0.5), **like),
-            beta=torch.zeros(j, q, **like),
-            beta_mean=torch.zeros(j, q, **like),
-            u=torch.ones(j, p, **like),
-            sigma2=torch.full((j,), max(float(design.y.var()), 1e-8), **like),
-            accepted=torch.zeros(3, **like),
-            tried=torch.zeros(3, **like),
-        )
-        recompute_statistics(state, design, z)
-        sizes = state.counts.tolist()
-        occupied = [i for i, size in enumerate(sizes) if size]
-        gibbs.sample_parameters(state, design, self.priors, gen, occupied, [i for i in range(j) if i not in occupied])
-        return state
 
     # -------------------------------------------------------------------------------------------------- summaries
     @property
     def components(self) -> Components:
         """Posterior-mean parameters per component, heaviest first (see :class:`Components`)."""
         if self._components is None:
-            self._components = self._summarise()
+            if self._state is None:
+                raise RuntimeError("DMMMENSurrogate is not fitted: call fit(x, y) first")
+            self._components = summarise(self._state, self._means, self._centre, self.fit_intercept, self.dtype)
         return self._components
-
-    def _summarise(self) -> Components:
-        if self._state is None:
-            raise RuntimeError("DMMMENSurrogate is not fitted: call fit(x, y) first")
-        state, p = self._state, self._centre["p"]
-        if self._means is not None and self._means.kept > 0:
-            m = self._means.means()
-        else:  # nothing kept (stopped during burn-in): the last state
-            occupied = (state.counts > 0).to(self.dtype)
-            m = {
-                "weight": state.log_pi.exp(), "size": state.counts, "occupancy": occupied,
-                "coef": state.beta_mean, "sigma2": state.sigma2,
-                "lambda1": state.lam1[state.c], "lambda2": state.lam2[state.c],
-            }
-        order = torch.argsort(m["weight"], descending=True, stable=True)
-        coef = m["coef"][order]
-        beta = coef[:, :p]
-        intercepts = self._centre["y_mean"] - beta @ self._centre["x_mean"]
-        if self.fit_intercept:
-            intercepts = intercepts + coef[:, p]
-        occupied = m["occupancy"][order] >= 0.5
-        occupied[0] = True
-        return Components(
-            weights=m["weight"][order], coefficients=beta, intercepts=intercepts, sigma2=m["sigma2"][order],
-            occupied=occupied, sizes=m["size"][order], occupancy=m["occupancy"][order],
-            lambda1=m["lambda1"][order], lambda2=m["lambda2"][order],
-        )
 
     def summary_scalars(self) -> dict[str, float]:
         """Scalars worth logging: occupied components, mean α, MH acceptance rates, sweeps done and kept."""
@@ -456,35 +390,6 @@ class DMMMENSurrogate:
 
 
 # ------------------------------------------------------------------------------------------------------------ helpers
-def _positive_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _gamma_prior(name: str, value: object, fixable: bool = False) -> tuple[float, float] | float:
-    if fixable and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} fixed value must be a finite float > 0, got {value!r}")
-        return float(value)
-    ok = isinstance(value, (tuple, list)) and len(value) == 2
-    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-                    for v in value)
-    if not ok:
-        what = "(shape, rate)" + (" or a fixed float" if fixable else "")
-        raise ValueError(f"{name} must be {what} with finite values > 0, got {value!r}")
-    return float(value[0]), float(value[1])
-
-
-def _fingerprint(x: Tensor, y: Tensor) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    for t in (x, y):
-        arr = t.detach().to("cpu", torch.float64).contiguous().numpy()
-        digest.update(str(arr.shape).encode())
-        digest.update(arr)
-    return digest.hexdigest()
-
-
 def _progress_bar(total: int):
     from tqdm.auto import tqdm
 

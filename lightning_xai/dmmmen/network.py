@@ -54,3 +54,14 @@ def network_logits(
     if not chunks:
         return torch.empty(0, 0, dtype=torch.float64, device=x.device)
     return torch.cat(chunks)
+
+
+def check_class_logits(model: nn.Module, x: torch.Tensor, output_fn: OutputFn | None, target_class: int) -> None:
+    """Fail early unless the model's output on a row or two of ``x`` is ``(B, K)`` logits with ``K >= 2`` and
+    ``target_class < K`` (one eval-mode forward; every random stream is left alone)."""
+    with torch.random.fork_rng(devices=[]):
+        logits = network_logits(model, x[:2], output_fn)
+    if logits.shape[1] < 2 or target_class >= logits.shape[1]:
+        raise ValueError(f"DMMMEN: target_class={target_class} needs logits (B, K) with K >= 2 and "
+                         f"target_class < K; the model's output gives shape {tuple(logits.shape)} (choose the "
+                         "logits with output_fn, or a class in range).")
