@@ -50,7 +50,8 @@ def main() -> None:
     for i in range(0, args.n, args.batch_size):
         dmm.train_batch(None, None, (x[i : i + args.batch_size], y[i : i + args.batch_size]))
     seconds = time.perf_counter() - started
-    kept = dmm._pool.shape[0] if args.module else dmm.pool.shape[0]
+    pool = getattr(dmm, "pool", None)
+    kept = (pool if pool is not None else dmm._pool).shape[0]  # older versions kept a private _pool
     print(f"{args.n} examples of {args.features} features, batch {args.batch_size}, max_examples={max_examples}: "
           f"{seconds:.2f} s ({args.n / seconds:,.0f} examples/s), {kept} kept")
 
