@@ -49,11 +49,20 @@ def image_loggers(trainer: pl.Trainer) -> list:
     return writers
 
 
+def logging_step(trainer: pl.Trainer) -> int:
+    """The step Lightning gives the scalars logged now, so that a validation's images and scalars share one step on
+    TensorBoard's slider (during a fit Lightning logs at the count of batches that stepped, one behind
+    ``global_step`` while the last batch's validation runs)."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    stepped = getattr(loop, "_batches_that_stepped", None)
+    return trainer.global_step if stepped is None else int(stepped)
+
+
 def log_image(trainer: pl.Trainer, tag: str, image: torch.Tensor, step: int | None = None) -> None:
     """Write one CHW image with values in [0, 1] to every image-capable logger (global rank zero only)."""
     if not trainer.is_global_zero:
         return
-    step = trainer.global_step if step is None else step
+    step = logging_step(trainer) if step is None else step
     image = image.detach().float().clamp(0, 1).cpu()
     for writer in image_loggers(trainer):
         writer.add_image(tag, image, global_step=step, dataformats="CHW")
