@@ -34,159 +34,19 @@ M ≈ 1.4k and fails to match there. The default here is ``σ² = scale²`` (rat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import gpytorch
 import torch
-from linear_operator.operators import DiagLinearOperator, LowRankRootLinearOperator
 from torch import nn
 
 from lightning_xai.gpex.cache import InducingCache, RowSwap
+from lightning_xai.gpex.fidelity import fidelity
 from lightning_xai.gpex.kernel import FeatureLinearKernel
+from lightning_xai.gpex.posterior import GPEXPrediction, MatchOutput, _MatchingPosterior
+from lightning_xai.gpex.search import top_k_slots
 
+# GPEXPrediction, MatchOutput (posterior.py) and fidelity (fidelity.py) are re-exported from their modules
 __all__ = ["GPEXPrediction", "GPEXSurrogate", "MatchOutput", "fidelity"]
 
 VAR_CLAMP = (1e-5, 5.0)
-
-
-@dataclass
-class GPEXPrediction:
-    """Posterior of the L head GPs at B query points (float64).
-
-    Attributes:
-        mean: (B, L) posterior means μ_ℓ(x).
-        variance: (B, L) posterior variances of the latent function (no observation noise).
-        root: (L, B, D) root R of each head's joint posterior covariance ``RRᵀ`` over the B points (rank ≤ D).
-    """
-
-    mean: torch.Tensor
-    variance: torch.Tensor
-    root: torch.Tensor
-
-    @property
-    def distribution(self) -> gpytorch.distributions.MultivariateNormal:
-        """A batch of L ``MultivariateNormal`` over the B points, with the exact low-rank joint covariance."""
-        return gpytorch.distributions.MultivariateNormal(self.mean.T, LowRankRootLinearOperator(self.root))
-
-    @property
-    def marginals(self) -> gpytorch.distributions.MultitaskMultivariateNormal:
-        """A ``MultitaskMultivariateNormal`` with event shape (B, L) and diagonal covariance (independent marginals)."""
-        mvn = gpytorch.distributions.MultivariateNormal(self.mean.T, DiagLinearOperator(self.variance.T))
-        return gpytorch.distributions.MultitaskMultivariateNormal.from_batch_mvn(mvn, task_dim=-1)
-
-
-@dataclass
-class MatchOutput:
-    """What one matching step computed.
-
-    Attributes:
-        loss: Scalar matching loss (carries gradient into the kernel net).
-        prediction: Posterior at the mixed queries under ``G_eff, c_eff``.
-        inducing_features: (B, L, D) detached f(x̃_I) of the inducing batch, or None; they can be written to the
-            cache with :meth:`GPEXSurrogate.update_rows` without another forward pass (one optimiser step stale).
-        swap: the cache's :class:`~lightning_xai.gpex.cache.RowSwap` for the inducing batch, or None; pass it to
-            :meth:`GPEXSurrogate.update_rows` with those rows and the write reuses its change of G and c.
-    """
-
-    loss: torch.Tensor
-    prediction: GPEXPrediction
-    inducing_features: torch.Tensor | None
-    swap: RowSwap | None = None
-
-
-def fidelity(mean: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """Agreement between GP means and network outputs, both (N, L).
-
-    Returns:
-        ``agreement`` (argmax equal, the fraction), ``pearson`` (mean over heads of the per-head correlation),
-        ``pearson_min`` (worst head) and ``r2`` (mean over heads of 1 − SSE/SST).
-    """
-    mean, target = mean.double(), target.double()
-    dm, dt = mean - mean.mean(0), target - target.mean(0)
-    rho = (dm * dt).sum(0) / (dm.norm(dim=0) * dt.norm(dim=0)).clamp_min(1e-300)
-    r2 = 1 - ((mean - target) ** 2).sum(0) / (dt**2).sum(0).clamp_min(1e-300)
-    return {
-        "agreement": float((mean.argmax(-1) == target.argmax(-1)).double().mean()),
-        "pearson": float(rho.mean()),
-        "pearson_min": float(rho.min()),
-        "r2": float(r2.mean()),
-    }
-
-
-def _chunk_candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, a set of (score, column) pairs that contains every entry that can be in the top k, ties included.
-
-    ``topk`` alone picks arbitrarily among entries tied with the k-th; taking every finite entry at least as large
-    as the k-th keeps all of them, so the caller's exact (score, slot) ordering decides.
-    """
-    kth = scores.topk(min(k, scores.shape[1]), dim=1).values[:, -1:]
-    keep = int(((scores >= kth) & torch.isfinite(scores)).sum(1).max())
-    values, columns = scores.topk(keep, dim=1)
-    return values, columns
-
-
-def _top_by_score_then_slot(scores: torch.Tensor, slots: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best pairs per row ordered by descending score, then ascending slot (a deterministic order)."""
-    by_slot = slots.argsort(dim=1)
-    scores, slots = scores.gather(1, by_slot), slots.gather(1, by_slot)
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-    return scores.gather(1, order), slots.gather(1, order)
-
-
-class _MatchingPosterior(torch.autograd.Function):
-    """The two posteriors of a matching step, differentiated analytically in the features (means only).
-
-    Per head, with the batch's new rows ``u_b`` (targets ``v_b``) and the sums ``G₀, c₀`` without the batch:
-
-    * the queries ``u_q`` under ``A = G₀ + Σ_b u_b u_bᵀ + σ²I`` and ``c = c₀ + Σ_b u_b v_b``: ``μ_q = u_qᵀA⁻¹c``;
-    * the batch's own examples under ``A₀ = G₀ + σ²I``, ``c₀`` (leave-batch-out): ``μ_b = u_bᵀA₀⁻¹c₀``;
-
-    with variances ``σ²uᵀA⁻¹u`` (not differentiated: the matching loss stops the gradient there). With ``w = A⁻¹c``,
-    ``w₀ = A₀⁻¹c₀``, upstream gradients ``ḡ_q, ḡ_b`` and ``z = A⁻¹ Σ_q ḡ_q u_q``, the chain rule through ``A`` and
-    ``c`` collapses to per-row products::
-
-        ∂/∂u_q = ḡ_q w          ∂/∂u_b = ḡ_b w₀ + z (v_b − wᵀu_b) − w (zᵀu_b)
-
-    so the backward is one Cholesky solve and elementwise work, where autograd through the Gram products, the
-    Cholesky factorisation and the triangular solves would run dozens of small float64 kernels.
-
-    Inputs: ``u_q`` (L, D, n) and ``u_b`` (L, D, B) float64 heads-first; ``g_with``, ``g_without`` (L, D, D) and
-    ``c_with``, ``c_without`` (L, D), where the caller guarantees ``g_with = g_without + Σ_b u_b u_bᵀ`` and
-    ``c_with = c_without + Σ_b u_b v_b`` (a :class:`~lightning_xai.gpex.cache.RowSwap`); ``v_b`` (L, B); ``noise``.
-    Outputs (heads-first): ``mean_q`` (L, n), ``mean_b`` (L, B), and, not differentiable, ``var_q``, ``var_b`` and
-    ``y_q = L⁻¹u_q`` (L, D, n; ``A = LLᵀ``, so ``σy_q`` is a root of the queries' joint posterior covariance).
-    """
-
-    @staticmethod
-    def forward(ctx, u_q, u_b, g_with, c_with, g_without, c_without, v_b, noise):  # noqa: ANN001, ANN205
-        heads, dim, n = u_q.shape
-        b = u_b.shape[2]
-        eye = torch.eye(dim, dtype=torch.float64, device=u_q.device)
-        chol = torch.linalg.cholesky(torch.cat([g_with, g_without]) + noise * eye)  # (2L, D, D)
-        queries = u_q.new_zeros(2 * heads, dim, max(n, b) + 1)  # both systems' queries, padded; then c
-        queries[:heads, :, :n] = u_q
-        queries[heads:, :, :b] = u_b
-        queries[:, :, -1] = torch.cat([c_with, c_without])
-        y = torch.linalg.solve_triangular(chol, queries, upper=False)
-        yu, yc = y[..., :-1], y[..., -1:]
-        mean = (yu * yc).sum(1)
-        variance = noise * (yu * yu).sum(1)
-        w = torch.linalg.solve_triangular(chol.mT, yc, upper=True).squeeze(-1)  # (2L, D): A⁻¹c, A₀⁻¹c₀
-        ctx.save_for_backward(chol[:heads], w, u_q, u_b, v_b)
-        var_q, var_b, y_q = variance[:heads, :n], variance[heads:, :b], yu[:heads, :, :n]
-        ctx.mark_non_differentiable(var_q, var_b, y_q)
-        return mean[:heads, :n], mean[heads:, :b], var_q, var_b, y_q
-
-    @staticmethod
-    def backward(ctx, grad_q, grad_b, *_non_differentiable):  # noqa: ANN001, ANN205
-        chol, w2, u_q, u_b, v_b = ctx.saved_tensors
-        w, w0 = w2[: chol.shape[0]].unsqueeze(-1), w2[chol.shape[0] :].unsqueeze(-1)  # (L, D, 1)
-        grad_u_q = w * grad_q.unsqueeze(1)
-        z = torch.cholesky_solve(torch.bmm(u_q, grad_q.unsqueeze(-1)), chol)  # (L, D, 1)
-        w_u = (w * u_b).sum(1, keepdim=True)  # (L, 1, B)
-        z_u = (z * u_b).sum(1, keepdim=True)
-        grad_u_b = w0 * grad_b.unsqueeze(1) + z * (v_b.unsqueeze(1) - w_u) - w * z_u
-        return grad_u_q, grad_u_b, None, None, None, None, None, None
 
 
 class GPEXSurrogate(nn.Module):
@@ -468,32 +328,10 @@ class GPEXSurrogate(nn.Module):
         else:
             heads = torch.as_tensor(head, dtype=torch.long, device=u.device).expand(b).clone()
         u = u.to(torch.float64)
-        cache = self.cache
-        device = cache.U.device
+        device = self.cache.U.device
         heads, u = heads.to(device), u.to(device)
         chunk = int(chunk_size) if chunk_size is not None else max(1024, (1 << 24) // max(b, 1))
-        best_s = torch.full((b, 0), -float("inf"), dtype=torch.float64, device=device)
-        best_i = torch.full((b, 0), -1, dtype=torch.long, device=device)
-        rows_by_head = [(h, (heads == h).nonzero().squeeze(1)) for h in heads.unique().tolist()]
-        for start in range(0, cache.capacity, chunk):
-            stop = min(start + chunk, cache.capacity)
-            filled = cache.filled[start:stop]
-            if not bool(filled.any()):
-                continue
-            scores = torch.empty(b, stop - start, dtype=torch.float64, device=device)
-            for h, rows in rows_by_head:
-                scores[rows] = u[rows, h] @ cache.U[start:stop, h].to(torch.float64).T
-            scores.masked_fill_(~filled, -float("inf"))
-            cand_s, cand_i = _chunk_candidates(scores, k)
-            best_s, best_i = _top_by_score_then_slot(
-                torch.cat([best_s, cand_s], dim=1), torch.cat([best_i, cand_i + start], dim=1), k
-            )
-        if best_s.shape[1] < k:
-            pad = k - best_s.shape[1]
-            best_s = torch.cat([best_s, best_s.new_full((b, pad), -float("inf"))], dim=1)
-            best_i = torch.cat([best_i, best_i.new_full((b, pad), -1)], dim=1)
-        best_i = best_i.masked_fill(torch.isinf(best_s), -1)
-        return best_i, best_s
+        return top_k_slots(self.cache, u, heads, k, chunk)
 
     # ------------------------------------------------------------------ checkpoints
     def get_extra_state(self) -> dict:
