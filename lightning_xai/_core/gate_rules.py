@@ -8,7 +8,9 @@ by module class, so functional calls, in-place variants and modules called at se
 Kinds of rules:
 
 * ``neuron`` / ``piecewise`` (exact): the ReLU family, clamps and ``abs`` act as ``slope·z + offset`` on the linear
-  piece z lies on; max-pools and ``max``/``min`` over a dimension select fixed winners;
+  piece z lies on; max-pools and ``max``/``min``/``amax`` over a dimension select fixed winners; ``step`` operators
+  (comparisons, ``sign``, rounding) are constant around x, so their outputs (masks for ``torch.where`` or a product,
+  as in ``x * (x > 0)``) are held;
 * ``activation`` (gated-linear): a smooth unit ``f`` is written ``gate·z + f(0)`` with ``gate = (f(z) − f(0))/z``
   held fixed (``f'(0)`` where z = 0);
 * ``held`` (gated-linear): normalisers and attention weights (softmax, exp, sqrt, rsqrt, norms, variances) are held
@@ -70,7 +72,7 @@ class Rule:
     @property
     def gated(self) -> bool:
         """True when the rule changes the network (gated-linear), False when the op is piecewise-linear (exact)."""
-        return self.kind not in ("neuron", "piecewise", "pool", "select", "reduce")
+        return self.kind not in ("neuron", "piecewise", "pool", "select", "reduce", "step")
 
 
 def _relu_slope(z: T, args: tuple, kwargs: dict) -> T:
@@ -139,6 +141,10 @@ def _build_table() -> dict[Callable, Rule]:
         F.adaptive_max_pool3d)
     add(Rule("select"), torch.max, Tn.max, torch.min, Tn.min, torch.maximum, Tn.maximum, torch.minimum, Tn.minimum)
     add(Rule("reduce"), torch.amax, Tn.amax, torch.amin, Tn.amin)
+    # piecewise-constant: comparisons (masks for torch.where or a product), sign, rounding; exact, held at x
+    add(Rule("step"), torch.gt, torch.lt, torch.ge, torch.le, Tn.gt, Tn.lt, Tn.ge, Tn.le, Tn.__gt__, Tn.__lt__,
+        Tn.__ge__, Tn.__le__, torch.sign, Tn.sign, torch.heaviside, torch.floor, Tn.floor, torch.ceil, Tn.ceil,
+        torch.round, Tn.round, torch.trunc, Tn.trunc)
 
     add(Rule("activation"), F.gelu, F.softsign, F.tanhshrink, F.logsigmoid, torch.tanh,
         Tn.tanh, torch.sigmoid, Tn.sigmoid, F.sigmoid, F.tanh, torch.erf, Tn.erf, Tn.tanh_, Tn.sigmoid_,

@@ -208,7 +208,7 @@ class GateRecorder(TorchFunctionMode):
             return self._passthrough(func, args, kwargs)
         if self._phase == "capture":
             return self._capture(rule, func, args, kwargs) if self._depends(args[:1]) else func(*args, **kwargs)
-        if not self._depends(args if rule.kind in ("attention", "select") else args[:1]):
+        if not self._depends(args if rule.kind in ("attention", "select", "step") else args[:1]):
             return self._passthrough(func, args, kwargs)  # a constant of the network (e.g. exp of a parameter)
         if rule.gated and not self.gated:
             self.ungated.append(self._site_name(func))
@@ -233,8 +233,8 @@ class GateRecorder(TorchFunctionMode):
         return out
 
     def _after_site(self, rule: R.Rule, name: str, args: tuple, out: Any) -> None:
-        if rule.kind == "held":
-            return  # held outputs are constants of the gated network
+        if rule.kind in ("held", "step"):
+            return  # held outputs and step outputs (masks) are constants of the (gated) network around x
         if self._depends(args[:1]) or rule.kind in ("attention", "select") and self._depends(args):
             self._mark(out)
         if rule.kind == "activation":
@@ -269,6 +269,10 @@ class GateRecorder(TorchFunctionMode):
             idx, dims, keepdim = R.reduce_winners(func, args, kwargs)
             self.sites.append(Site(name, "reduce", False, (idx,), (dims, keepdim)))
             return func(*args, **kwargs)
+        if rule.kind == "step":
+            out = func(*args, **kwargs)
+            self.sites.append(Site(name, "step", False, (out.detach(),)))
+            return out
         return self._record_gated(rule, name, func, args, kwargs)
 
     def _record_selection(self, name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
@@ -330,6 +334,8 @@ class GateRecorder(TorchFunctionMode):
             return self._replay_selection(site, args)
         if kind == "reduce":
             return R.gather_reduced(z, site.gates[0], *site.info)
+        if kind == "step":
+            return site.gates[0].clone()
         if kind == "activation" or (kind == "power" and len(site.gates) == 2):
             gate, offset = site.gates
             return _write(z, gate * z + offset, inplace)

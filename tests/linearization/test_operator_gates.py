@@ -218,3 +218,31 @@ def test_real_architectures(name):
     assert lin.mode == mode
     assert lin.residual(x).max() < 1e-5
     assert lin.weight.abs().sum() > 0 and lin.output.abs().sum() > 0
+
+
+class MaskedNet(nn.Module):
+    """Piecewise-linear units written with masks: torch.where on a comparison, x * (x > 0), sign, clamp_."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 12), nn.Linear(12, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = torch.where(h > 0, h, 0.1 * h)  # a leaky ReLU by hand
+        g = self.b(h)
+        g = g * (g > 0).to(g.dtype) + 0.5 * torch.sign(g) * g.clamp(-1, 1)
+        return self.c(g.clone().clamp_(min=-2.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masks_and_comparisons_are_exact_gates(dtype):
+    torch.manual_seed(5)
+    model = MaskedNet().to(dtype)
+    x = torch.randn(5, 6, dtype=dtype)
+    lin = linearize(model, x)
+    assert lin.mode == "exact" and lin.residual(x).max() < BOUNDS[dtype]
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
+    assert torch.allclose(lin.weight[:, 1], grad, atol=BOUNDS[dtype])
+    assert not torch.allclose(lin.bias, model(torch.zeros_like(x)), atol=1e-3)
