@@ -105,11 +105,22 @@ class ClaDecReporting(ExplainerCallback):
         return scores, n
 
     def report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (self.core is None and self._restored is None) or self.examples.inputs is None:
+        if self.core is None and self._restored is None:
             return  # nothing trained yet (the same on every rank: the cadence depends on the step count only)
-        x = self.examples.inputs.to(pl_module.device)
-        y = None if self.examples.targets is None else self.examples.targets.to(pl_module.device)
-        scores, n = self._scores_on(x, y)
+        device = pl_module.device
+        has = self.examples.inputs is not None and len(self.examples) > 0
+        # whether any rank has examples (and targets): a rank whose validation rows were all NaN still joins
+        anyone = all_reduce_(torch.tensor([float(has), float(self.examples.targets is not None)], device=device), "max")
+        if not bool(anyone[0]):
+            return  # no rank has a metric set: the same decision everywhere
+        if has:
+            x = self.examples.inputs.to(device)
+            y = None if self.examples.targets is None else self.examples.targets.to(device)
+            scores, n = self._scores_on(x, y)
+        else:
+            x = torch.zeros(0, device=device)
+            scores, n = {name: torch.zeros((), device=device) for name in self._score_names(bool(anyone[1]))}, 0
+            self._metric_skipped = 0
         average = MeanOfNamed(sorted(scores)).to(x.device)
         average.update(scores, weight=n)
         values = average.compute()  # a collective under DDP: every rank gets here

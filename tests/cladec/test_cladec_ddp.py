@@ -57,3 +57,21 @@ def test_two_processes_score_what_one_process_scores(tmp_path):
     assert len(single) >= 4 and set(single) == set(double)
     for key, value in single.items():
         assert double[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_a_rank_whose_validation_rows_are_all_nan_still_reports_with_the_others(tmp_path):
+    dm = DigitsDataModule()
+    dm.setup()
+    x, y = dm.train_dataset.tensors
+    vx, vy = dm.val_dataset.tensors
+    vx = vx[:32].clone()
+    vx[1::2] = float("nan")  # rank 1's shard (DistributedSampler, no shuffle) holds only NaN images
+    train = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=16)
+    val = DataLoader(TensorDataset(vx, vy[:32]), batch_size=8)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, strategy="ddp_spawn", devices=2,
+                            callbacks=[ClaDec(every_n_steps=1, probe_size=2)])
+    trainer.fit(SmallCNN(), train, val)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert metrics["cladec/skipped"] == 16.0  # rank 1's rows, counted over both ranks
+    assert metrics["cladec/rec_loss"] == metrics["cladec/rec_loss"] and metrics["cladec/rec_loss"] > 0  # rank 0's
