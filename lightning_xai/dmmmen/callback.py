@@ -254,6 +254,10 @@ class DMMMEN(ExplainerCallback):
         self.surrogate.fit(features, target, sweeps=sweeps, warm_start=self.fits > 0,
                            time_budget=self.time_budget, progress=self.progress)
         self.fits += 1
+        if self.surrogate.stopped_early:  # a result that depends on the machine's speed is said, not hidden
+            rank_zero_warn(f"DMMMEN: fit {self.fits} stopped at its time budget ({self.time_budget} s) after "
+                           f"{self.surrogate.sweeps_done} of {sweeps} sweeps, so its result depends on this machine's "
+                           "speed; raise time_budget (or pass time_budget=None) for the full chain.")
 
     # ------------------------------------------------------------------ reports
     def report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -248,3 +248,13 @@ def test_an_epoch_without_a_refit_warns_once_naming_every_n_epochs(tmp_path):
         quiet_trainer(tmp_path, max_epochs=2, callbacks=[dmm]).fit(SmallCNN(), train, val)
     assert sum("every_n_epochs=3" in str(w.message) for w in record) == 1
     assert dmm.fits == 1  # the fit at the end of training still came
+
+
+def test_a_fit_stopped_by_its_time_budget_says_so(tmp_path):
+    x, y = digits_tensors(96)
+    train = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=16)
+    val = DataLoader(TensorDataset(x[64:], y[64:]), batch_size=16)
+    dmm = DMMMEN(sweeps=100_000, refit_sweeps=3, every_n_epochs=1, progress=False, time_budget=0.2)
+    with pytest.warns(UserWarning, match=r"time budget \(0.2 s\) after \d+ of 100000 sweeps"):
+        quiet_trainer(tmp_path, max_epochs=1, callbacks=[dmm]).fit(SmallCNN(), train, val)
+    assert dmm.fits >= 1  # the stopped fit still counts: its means cover the sweeps it did
