@@ -15,6 +15,8 @@ collectives, with weight zero.
 
 from __future__ import annotations
 
+import re
+
 import lightning.pytorch as pl
 import torch
 
@@ -68,6 +70,12 @@ class AttributionCallback(ExplainerCallback):
 
     def draw(self, trainer: pl.Trainer, x: torch.Tensor, y: torch.Tensor | None) -> None:
         """Log images for the probe examples ``x`` (global rank zero only)."""
+
+    def chart_layout(self) -> dict[str, list[str]]:
+        """Each curve of the deletion (lower is better) and insertion (higher is better) AUCs in one chart."""
+        prefix = re.escape(self.prefix)
+        return {"deletion AUC by ordering (lower: more faithful)": [rf"{prefix}/deletion_auc_.*"],
+                "insertion AUC by ordering (higher: more faithful)": [rf"{prefix}/insertion_auc_.*"]}
 
     # ------------------------------------------------------------------ shared pieces
     def _explained(self, model: torch.nn.Module | None) -> torch.nn.Module:

@@ -47,6 +47,7 @@ from lightning_xai._core.identity import (
     identity_of,
     is_described_only,
 )
+from lightning_xai._core.logging import write_chart_layout
 from lightning_xai._core.probe import ProbeSet
 from lightning_xai._core.rng import PrivateRNG
 
@@ -174,6 +175,10 @@ class ExplainerCallback(Callback):
     def release(self) -> None:
         """Remove hooks from the user's model (called from ``teardown``)."""
 
+    def chart_layout(self) -> dict[str, list[str]]:
+        """Paired curves for TensorBoard's CUSTOM SCALARS tab: ``{chart title: [tag regexes]}`` (none by default)."""
+        return {}
+
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.model = explained_model(pl_module)
@@ -182,6 +187,11 @@ class ExplainerCallback(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.release()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        explainers = [cb for cb in trainer.callbacks if isinstance(cb, ExplainerCallback)]
+        if explainers and explainers[0] is self:  # one layout for the whole run, written by the first explainer
+            write_chart_layout(trainer, {cb.prefix: cb.chart_layout() for cb in explainers})
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -75,3 +75,16 @@ def figure_to_image(figure) -> torch.Tensor:
     figure.canvas.draw()
     rgba = torch.from_numpy(np.asarray(figure.canvas.buffer_rgba()).copy())
     return rgba[..., :3].permute(2, 0, 1).float() / 255.0
+
+
+def write_chart_layout(trainer: pl.Trainer, charts: Mapping[str, Mapping[str, list[str]]]) -> None:
+    """Give TensorBoard's CUSTOM SCALARS tab one category per callback prefix, each chart overlaying paired curves
+    (``{prefix: {chart title: [tag regexes]}}``); written once, on global rank zero, to each TensorBoard writer."""
+    layout = {prefix: {title: ["Multiline", tags] for title, tags in group.items()}
+              for prefix, group in charts.items() if group}
+    if not layout or not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        writer = getattr(logger, "experiment", None)
+        if callable(getattr(writer, "add_custom_scalars", None)):
+            writer.add_custom_scalars(layout)

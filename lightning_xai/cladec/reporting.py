@@ -12,6 +12,7 @@ imports the callback.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
@@ -54,6 +55,15 @@ class ClaDecReporting(ExplainerCallback):
         if self.prefix.startswith(self.method):
             return "refae" + self.prefix[len(self.method) :]
         return f"{self.prefix}-refae"
+
+    def chart_layout(self) -> dict[str, list[str]]:
+        """ClaDec beside the RefAE of the same shape, one chart per score."""
+        charts = {}
+        for score, title in (("rec_loss", "reconstruction loss: ClaDec vs RefAE"),
+                             ("acc_on_recon", "classifier accuracy on reconstructions: ClaDec vs RefAE"),
+                             ("agreement", "agreement with the classifier on the input: ClaDec vs RefAE")):
+            charts[title] = [re.escape(self.tag(score)), re.escape(self.tag(score, self.refae_prefix))]
+        return charts
 
     def _score_names(self, with_targets: bool) -> list[str]:
         """The scalars :meth:`_scores_on` returns (the same on every rank, whatever rows it could use)."""

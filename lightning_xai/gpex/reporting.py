@@ -10,6 +10,8 @@ so all ranks log the same values.
 
 from __future__ import annotations
 
+import re
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -37,6 +39,10 @@ class FidelityReporting:
     _fidelity: SurrogateFidelity | None
     _losses: MeanOfNamed | None
     _degenerate_warned: set[str]
+
+    def chart_layout(self) -> dict[str, list[str]]:
+        """The surrogate's fidelity scores in one chart."""
+        return {"fidelity: agreement, Pearson, R²": [re.escape(self.tag(m)) for m in ("agreement", "pearson", "r2")]}
 
     def validation_batch(self, trainer: pl.Trainer, x: torch.Tensor, y: torch.Tensor | None) -> None:
         if self.surrogate is None and self._restored is None:
